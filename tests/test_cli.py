@@ -1,0 +1,67 @@
+"""The command line, run as a person would: a real subprocess."""
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+
+def cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "visualizer", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_run_writes_every_frame_and_the_exports(tiny_model, tmp_path):
+    out = tmp_path / "out"
+    result = cli("run", "--prompt", "a red circle", "--model", tiny_model, "--sampler", "DPM++ 2M", "--steps", "6",
+                 "--out", str(out), "--gif", "--mp4", "--webp", "--zip", "--sheet", "--view", "both")
+    assert result.returncode == 0, result.stderr
+    doc = json.loads((out / "run.json").read_text())
+    assert [s["index"] for s in doc["steps"]] == [1, 2, 3, 4, 5, 6]
+    assert all({"timestep", "sigma"} <= set(s) for s in doc["steps"])
+    for kind in ("xt", "x0"):
+        assert sorted(p.name for p in (out / "frames").glob(f"{kind}_*.png"))[-1] == f"{kind}_0006.png"
+    for name in ("final.png", "denoising.gif", "denoising.mp4", "denoising.webp", "frames.zip", "sheet.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert Image.open(out / "denoising.gif").n_frames == 6
+
+
+def test_compare_and_reexport(tiny_model, tmp_path):
+    out = tmp_path / "cmp"
+    result = cli("compare", "--prompt", "a red circle", "--samplers", "Euler,DDIM,DPM++ 2M", "--model", tiny_model,
+                 "--steps", "4", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert {p.name for p in out.iterdir()} >= {"grid.png", "grid.gif", "euler", "ddim", "dpm-2m"}
+    (out / "euler" / "denoising.gif").unlink(missing_ok=True)
+    result = cli("export", str(out / "euler"), "--gif", "--view", "x0")
+    assert result.returncode == 0, result.stderr
+    assert Image.open(out / "euler" / "denoising.gif").n_frames == 4
+
+
+def test_samplers_lists_the_registry():
+    result = cli("samplers")
+    assert result.returncode == 0 and "DPM++ 2M Karras" in result.stdout and "Heun" in result.stdout
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--steps", "0"], "Steps must be from 1"),
+    (["--steps", "abc"], "--steps must be a whole number"),
+    (["--guidance", "nan"], "finite"),
+    (["--seed", "1.5"], "--seed must be a whole number"),
+    (["--width", "100"], "multiple of 8"),
+    (["--sampler", "Nope"], "Valid samplers"),
+    (["--model", "/no/such/dir"], "neither a folder"),
+])
+def test_bad_arguments_exit_nonzero_with_one_line(tiny_model, tmp_path, args, words):
+    base = ["run", "--prompt", "a red circle", "--out", str(tmp_path / "x")]
+    if "--model" not in args:
+        base += ["--model", tiny_model]
+    result = cli(*base, *args)
+    assert result.returncode != 0
+    assert words in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_missing_prompt_is_a_usage_error():
+    result = cli("run", "--out", "x")
+    assert result.returncode == 2 and "--prompt" in result.stderr and "Traceback" not in result.stderr

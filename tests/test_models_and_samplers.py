@@ -1,0 +1,66 @@
+"""Model references, loading errors and the sampler registry."""
+import json
+
+import pytest
+
+from visualizer.models import ALIASES, ModelLoadError, load_pipeline, resolve
+from visualizer.samplers import SAMPLERS, UnknownSamplerError, check_sampler, make_scheduler
+
+NAMES_USERS_KNOW = ["DDIM", "DDPM", "PNDM", "LMS", "Euler", "Euler a", "Heun", "DPM2", "DPM2 a", "DPM++ 2M",
+                    "DPM++ 2M Karras", "DPM++ 2M SDE", "UniPC", "DEIS", "LCM"]
+
+
+def test_registry_has_the_names_users_know():
+    assert list(SAMPLERS) == NAMES_USERS_KNOW
+
+
+def test_unknown_sampler_lists_the_valid_ones():
+    with pytest.raises(UnknownSamplerError) as error:
+        check_sampler("Euler b")
+    assert "Euler b" in str(error.value) and all(n in str(error.value) for n in NAMES_USERS_KNOW)
+
+
+def test_each_run_gets_a_fresh_scheduler(tiny_pipe):
+    a, b = make_scheduler("DPM++ 2M", tiny_pipe.scheduler.config), make_scheduler("DPM++ 2M", tiny_pipe.scheduler.config)
+    assert a is not b and type(a).__name__ == "DPMSolverMultistepScheduler"
+    assert make_scheduler("DPM++ 2M Karras", tiny_pipe.scheduler.config).config.use_karras_sigmas
+    assert not make_scheduler("DDIM", tiny_pipe.scheduler.config).config.clip_sample
+
+
+def test_aliases_resolve_to_hub_ids():
+    assert resolve("sd15").source == ALIASES["sd15"] == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert resolve("sd21").source == "stabilityai/stable-diffusion-2-1-base"
+    assert not resolve("sd-turbo").is_local
+
+
+def test_local_folder_loads_through_from_pretrained(tiny_model):
+    pipe = load_pipeline(tiny_model)
+    assert pipe.unet.config.sample_size == 8 and pipe.vae.dtype.is_floating_point
+    assert load_pipeline(tiny_model) is pipe  # cached
+
+
+@pytest.mark.parametrize("reference, words", [
+    ("/no/such/folder", "neither a folder"),
+    ("not a model!", "neither a folder"),
+])
+def test_bad_references_say_what_to_do(reference, words):
+    with pytest.raises(ModelLoadError, match=words):
+        resolve(reference)
+
+
+def test_folder_without_model_index(tmp_path):
+    with pytest.raises(ModelLoadError, match="model_index.json"):
+        resolve(str(tmp_path))
+
+
+def test_broken_folder_gives_one_clear_message(tmp_path):
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    with pytest.raises(ModelLoadError, match="Could not load"):
+        load_pipeline(str(tmp_path))
+
+
+def test_unreachable_hub_gives_one_clear_message():
+    with pytest.raises(ModelLoadError) as error:  # HF_HUB_OFFLINE=1 in conftest: nothing is fetched
+        load_pipeline("nobody-here/no-such-model")
+    message = str(error.value)
+    assert "nobody-here/no-such-model" in message and "local folder" in message and "\n" not in message

@@ -1,0 +1,180 @@
+"""The command line: `python -m visualizer run | compare | samplers | export | bench`."""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+FORMATS = ("gif", "mp4", "webp", "zip", "sheet")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump
+        self.exit(2, f"error: {message}\n")
+
+
+def _add_generation_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--model", default="embedded", help="embedded (default), sd15, sd21, sd-turbo, a folder or a hub id")
+    p.add_argument("--steps", default="25", help="sampler steps")
+    p.add_argument("--guidance", default="7.5", help="classifier-free guidance scale")
+    p.add_argument("--seed", default="0")
+    p.add_argument("--width", default=None)
+    p.add_argument("--height", default=None)
+    p.add_argument("--view", choices=("xt", "x0", "both"), default="xt", help="frames shown in animations")
+    p.add_argument("--fps", type=float, default=8)
+    p.add_argument("--out", required=True, type=Path)
+
+
+def _add_format_flags(p: argparse.ArgumentParser) -> None:
+    for fmt in FORMATS:
+        p.add_argument(f"--{fmt}", action="store_true", help=f"write the {fmt} export")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m visualizer", description="See how a diffusion model turns noise into an image.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = sub.add_parser("run", help="generate one run and write every step's frames")
+    p.add_argument("--sampler", default="Euler")
+    _add_generation_options(p)
+    _add_format_flags(p)
+    p = sub.add_parser("compare", help="several samplers, same seed and noise, side by side")
+    p.add_argument("--samplers", required=True, help='comma-separated, e.g. "Euler,DDIM,DPM++ 2M"')
+    _add_generation_options(p)
+    p.add_argument("--mp4", action="store_true", help="also write grid.mp4")
+    sub.add_parser("samplers", help="list the sampler names")
+    p = sub.add_parser("export", help="re-export a saved run folder without regenerating")
+    p.add_argument("rundir", type=Path)
+    p.add_argument("--view", choices=("xt", "x0", "both"), default="xt")
+    p.add_argument("--fps", type=float, default=8)
+    p.add_argument("--out", type=Path, default=None, help="defaults to the run folder")
+    _add_format_flags(p)
+    p = sub.add_parser("bench", help="time capture and decoding against plain diffusers")
+    p.add_argument("--quick", action="store_true", help="embedded model only (under a minute)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", type=Path, default=Path("bench.json"))
+    return parser
+
+
+def _number(text, kind, label):
+    if text is None:
+        return None
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"{label} must be a {'whole number' if kind is int else 'number'}, got {text!r}.") from None
+
+
+def _generation_kwargs(args) -> dict:
+    return dict(model=args.model, negative_prompt=args.negative_prompt,
+                num_inference_steps=_number(args.steps, int, "--steps"),
+                guidance_scale=_number(args.guidance, float, "--guidance"),
+                seed=_number(args.seed, int, "--seed"),
+                width=_number(args.width, int, "--width"), height=_number(args.height, int, "--height"))
+
+
+class _Progress:
+    """A tqdm bar that appears with the first finished step (so bad input prints no empty bar)."""
+
+    def __init__(self, total: int, desc: str):
+        self.total, self.desc, self.bar = total, desc, None
+
+    def __call__(self, event) -> None:
+        if self.bar is None:
+            self.bar = tqdm(total=self.total, desc=self.desc, unit="step")
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def cmd_run(args) -> None:
+    from . import api
+    from .export import export_run
+
+    kwargs = _generation_kwargs(args)
+    progress = _Progress(kwargs["num_inference_steps"], args.sampler)
+    try:
+        result = api.run(args.prompt, sampler=args.sampler, callback=progress, **kwargs)
+    finally:
+        progress.close()
+    _warn_truncation(result)
+    result.save(args.out)
+    written = export_run(result, args.out, [f for f in FORMATS if getattr(args, f)], view=args.view, fps=args.fps)
+    print(f"{len(result)} steps -> {args.out}/ (run.json, frames/, final.png{''.join(', ' + p.name for p in written.values())})")
+
+
+def cmd_compare(args) -> None:
+    from . import api
+    from .export import export_grid
+
+    samplers = [s.strip() for s in args.samplers.split(",") if s.strip()]
+    kwargs = _generation_kwargs(args)
+    progress = _Progress(kwargs["num_inference_steps"] * len(samplers), "lockstep")
+    try:
+        runs = api.compare(args.prompt, samplers, callback=progress, **kwargs)
+    finally:
+        progress.close()
+    _warn_truncation(runs[0])
+    for r in runs:
+        r.save(args.out / slug(r.settings.sampler))
+    export_grid(runs, args.out, ["png", "gif"] + (["mp4"] if args.mp4 else []), view=args.view, fps=args.fps)
+    print(f"{len(runs)} samplers -> {args.out}/ (grid.png, grid.gif, one folder per sampler)")
+
+
+def cmd_samplers(args) -> None:
+    from .samplers import SAMPLERS, TWO_EVALUATION_SAMPLERS
+
+    for name, (cls, overrides) in SAMPLERS.items():
+        extra = ", two model evaluations per step" if name in TWO_EVALUATION_SAMPLERS else ""
+        print(f"{name:16s} {cls.__name__}{' ' + str(overrides) if overrides else ''}{extra}")
+
+
+def cmd_export(args) -> None:
+    from .export import export_run
+    from .run import Run
+
+    run = Run.load(args.rundir)
+    formats = [f for f in FORMATS if getattr(args, f)] or ["gif"]
+    written = export_run(run, args.out or args.rundir, formats, view=args.view, fps=args.fps)
+    print("wrote " + ", ".join(str(p) for p in written.values()))
+
+
+def cmd_bench(args) -> None:
+    from .bench import main as bench_main
+
+    bench_main(quick=args.quick, repeats=args.repeats, out=args.out)
+
+
+def _warn_truncation(run) -> None:
+    if run.info.get("truncated"):
+        print(f"warning: the prompt is longer than {run.info['token_limit']} tokens; "
+              f"ignored: {run.info['dropped_text']!r}", file=sys.stderr)
+
+
+COMMANDS = {"run": cmd_run, "compare": cmd_compare, "samplers": cmd_samplers, "export": cmd_export, "bench": cmd_bench}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .denoise import NonFiniteError
+    from .models import ModelLoadError
+
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except (ValueError, ModelLoadError, NonFiniteError, FileNotFoundError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2 if isinstance(error, ValueError) else 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,95 @@
+"""Decoders: latents -> RGB frames.
+
+- `vae_decode`: the exact frame, through the model's own VAE (batched, fp32).
+- `latent_preview`: a cheap linear latent -> RGB approximation, for live previews only.
+- `load_taesd`: the tiny TAESD decoder when its weights are on this machine (previews, labelled so).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# rows = the 4 latent channels, columns = R, G, B; output in [-1, 1] (ComfyUI latent_formats.py)
+SD15_LATENT_RGB = [[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350],
+                   [-0.2829, 0.1762, 0.2721], [-0.2120, -0.2616, -0.7177]]
+SDXL_LATENT_RGB = [[0.3651, 0.4232, 0.4341], [-0.2533, -0.0042, 0.1068],
+                   [0.1076, 0.1111, -0.0362], [-0.3165, -0.2492, -0.2188]]
+SDXL_LATENT_RGB_BIAS = [0.1084, -0.0175, -0.0011]
+LATENT_RGB_FILE = "latent_rgb.json"  # optional, in a model folder: {"factors": 4x3, "bias": 3}
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[N, 3, H, W] in [-1, 1] -> uint8 [N, H, W, 3] (the same rounding as diffusers' postprocess)"""
+    images = (images.float() / 2 + 0.5).clamp(0, 1)
+    return (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+
+
+@torch.inference_mode()
+def vae_decode(vae, latents: torch.Tensor, batch_size: int = 8) -> np.ndarray:
+    """Scaled latents [N, C, h, w] -> uint8 frames [N, H, W, 3], exactly as the pipeline decodes."""
+    device = next(vae.parameters()).device
+    dtype = next(vae.parameters()).dtype
+    frames = []
+    for chunk in latents.split(batch_size):
+        chunk = chunk.to(device=device, dtype=dtype) / vae.config.scaling_factor
+        frames.append(to_uint8(vae.decode(chunk, return_dict=False)[0]))
+    return np.concatenate(frames) if frames else np.zeros((0, 0, 0, 3), np.uint8)
+
+
+def latent_rgb_factors(model_folder: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's own latent -> RGB fit if its folder has one, else Stable Diffusion 1.x/2.x factors."""
+    if model_folder:
+        path = Path(model_folder) / LATENT_RGB_FILE
+        if path.exists():
+            fit = json.loads(path.read_text())
+            return torch.tensor(fit["factors"]), torch.tensor(fit["bias"])
+    return torch.tensor(SD15_LATENT_RGB), torch.zeros(3)
+
+
+def latent_preview(latents: torch.Tensor, factors: torch.Tensor, bias: torch.Tensor, size: int | None = None) -> np.ndarray:
+    """Cheap preview: scaled latents [N, 4, h, w] -> uint8 [N, h, w, 3] (nearest-upscaled to `size`)."""
+    rgb = torch.einsum("nchw,cr->nrhw", latents.float().cpu(), factors) + bias[None, :, None, None]
+    if size:
+        rgb = torch.nn.functional.interpolate(rgb, size=(size, size), mode="nearest")
+    return to_uint8(rgb)
+
+
+def fit_latent_rgb(latents: torch.Tensor, images: torch.Tensor) -> dict:
+    """Least-squares latent -> RGB factors from scaled latents [N, 4, h, w] and images [N, 3, h, w] in [-1, 1]."""
+    x = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])
+    y = images.permute(0, 2, 3, 1).reshape(-1, 3)
+    x1 = torch.cat([x, torch.ones(len(x), 1)], dim=1)
+    solution = torch.linalg.lstsq(x1, y).solution
+    return {"factors": solution[:-1].tolist(), "bias": solution[-1].tolist()}
+
+
+def load_taesd(device: torch.device):
+    """AutoencoderTiny from $VISUALIZER_TAESD or the local Hub cache ("madebyollin/taesd"); None if absent."""
+    from diffusers import AutoencoderTiny
+
+    source = os.environ.get("VISUALIZER_TAESD", "madebyollin/taesd")
+    try:
+        return AutoencoderTiny.from_pretrained(source, local_files_only=True).to(device).eval()
+    except Exception:  # absent weights are the normal case offline
+        return None
+
+
+@torch.inference_mode()
+def taesd_decode(taesd, latents: torch.Tensor, scaling_factor: float) -> np.ndarray:
+    """Scaled latents -> uint8 preview frames through TAESD."""
+    device = next(taesd.parameters()).device
+    images = taesd.decode(latents.to(device, torch.float32) / scaling_factor).sample
+    return to_uint8(images)
+
+
+def decode_run(run, vae, kinds: tuple[str, ...] = ("xt", "x0"), batch_size: int = 8) -> None:
+    """Decode every step of `run` for each kind in place (run.frames) and set run.final_image."""
+    for kind in kinds:
+        if kind not in run.frames or len(run.frames[kind]) != len(run):
+            run.frames[kind] = list(vae_decode(vae, run.tensors[kind], batch_size))
+    if len(run) and not run.info.get("stopped"):
+        run.final_image = run.frames["xt"][-1] if "xt" in run.frames else vae_decode(vae, run.tensors["latents"][-1:])[0]

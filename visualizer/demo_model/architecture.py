@@ -1,0 +1,95 @@
+"""Configs and builders for small Stable-Diffusion-shaped models (the embedded model and test models).
+
+The parts are diffusers' and transformers' own classes, so a folder saved from them loads with
+`StableDiffusionPipeline.from_pretrained` like any real checkpoint.
+"""
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+
+
+def write_tokenizer(folder: Path, words: list[str], max_length: int) -> CLIPTokenizer:
+    """A CLIP BPE tokenizer whose vocabulary holds every character and every word of `words` whole."""
+    folder.mkdir(parents=True, exist_ok=True)
+    symbols = list(string.ascii_lowercase + string.digits + string.punctuation)
+    vocab: dict[str, int] = {}
+    for token in symbols + [s + "</w>" for s in symbols]:
+        vocab.setdefault(token, len(vocab))
+    merges: list[str] = []
+    for word in words:
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        merged = pieces[0]
+        for piece in pieces[1:]:
+            rule = f"{merged} {piece}"
+            if rule not in merges:
+                merges.append(rule)
+            merged += piece
+            vocab.setdefault(merged, len(vocab))
+    for special in (BOS, EOS):
+        vocab[special] = len(vocab)
+    tokenizer = CLIPTokenizer(
+        vocab=vocab, merges=[tuple(rule.split(" ")) for rule in merges], model_max_length=max_length,
+        bos_token=BOS, eos_token=EOS, unk_token=EOS, pad_token=EOS,
+    )
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def text_encoder(vocab_size: int, max_length: int, hidden: int, layers: int) -> CLIPTextModel:
+    config = CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2,
+        num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=max_length,
+        bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
+    )
+    return CLIPTextModel(config)
+
+
+def vae(channels: tuple[int, ...], sample_size: int) -> AutoencoderKL:
+    """A KL autoencoder with 4 latent channels and a downsampling factor of 2**(len(channels)-1)."""
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=channels,
+        down_block_types=("DownEncoderBlock2D",) * len(channels),
+        up_block_types=("UpDecoderBlock2D",) * len(channels),
+        layers_per_block=1, norm_num_groups=16, sample_size=sample_size,
+    )
+
+
+def unet(channels: tuple[int, ...], sample_size: int, cross_attention_dim: int, heads: int = 4) -> UNet2DConditionModel:
+    """A cross-attention UNet: attention in every block but the deepest."""
+    n = len(channels)
+    return UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4, block_out_channels=channels,
+        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+        layers_per_block=1, cross_attention_dim=cross_attention_dim, attention_head_dim=heads,
+        norm_num_groups=16,
+    )
+
+
+def assemble(unet_model, vae_model, encoder, tokenizer) -> StableDiffusionPipeline:
+    """A Stable Diffusion pipeline from parts, with SD's noise schedule and no safety checker."""
+    scheduler = PNDMScheduler(**SD_BETAS, skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)
+    return StableDiffusionPipeline(
+        vae=vae_model, text_encoder=encoder, tokenizer=tokenizer, unet=unet_model, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def tiny_pipeline(folder: Path, seed: int = 0) -> Path:
+    """Save a tiny random-weight SD pipeline (32x32 images, 8x8 latents) to `folder`; for tests."""
+    import torch
+
+    torch.manual_seed(seed)
+    words = ["a", "red", "blue", "circle", "square", "on", "the", "left", "right", "of", "background"]
+    tokenizer = write_tokenizer(folder / "tokenizer", words, max_length=16)
+    encoder = text_encoder(len(tokenizer.get_vocab()), 16, hidden=32, layers=1)
+    pipe = assemble(unet((32, 64), 8, cross_attention_dim=32), vae((16, 32, 32), 32), encoder, tokenizer)
+    pipe.save_pretrained(folder)
+    return folder

@@ -1,0 +1,305 @@
+"""The denoising loop, owned end to end, capturing every step of one or several samplers.
+
+diffusers' step callback never sees x0-hat or the noise predictions, so this module runs the loop
+itself (encode prompt, draw noise, scale_model_input, UNet, CFG, scheduler.step), exactly as
+`StableDiffusionPipeline.__call__` does, and records per step: the latents after the step, x0-hat,
+the guided noise prediction and its conditional / unconditional parts.
+
+Several samplers run in lockstep: each round stacks every active sampler's next model input into
+ONE batched UNet call with per-sample timesteps, then steps each sampler's own scheduler.
+
+A "step" is one update of the sampler from one noise level to the next. Heun and DPM2 spend two
+model evaluations on it; the step's timestep, sigma, x0-hat and noise prediction come from its
+first evaluation (at the step's start), its latents from after the update.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+from .models import load_pipeline, resolve
+from .run import Run, Settings, Step
+from .samplers import make_scheduler
+
+
+class NonFiniteError(RuntimeError):
+    """The model produced NaN or infinite values."""
+
+
+@dataclass
+class StepEvent:
+    """What a callback gets after each completed step of one sampler."""
+    sampler_index: int  # which of the runs in a lockstep batch
+    step: Step
+    latents: torch.Tensor  # [1, C, h, w] on the model's device, raw scheduler latents after the step
+    xt: torch.Tensor  # the same latents in the model-input (variance-preserving) scale
+    x0: torch.Tensor  # predicted clean latents at the step's start
+
+
+StepCallback = Callable[[StepEvent], None]
+
+
+@dataclass
+class _Pending:
+    """One step being assembled across its model evaluations."""
+    timestep: float
+    sigma: torch.Tensor
+    evaluations: int = 0
+    x0: torch.Tensor | None = None
+    eps: torch.Tensor | None = None
+    eps_cond: torch.Tensor | None = None
+    eps_uncond: torch.Tensor | None = None
+
+
+@dataclass
+class _SamplerLoop:
+    """One sampler's state: its own scheduler, latents, generator and captured steps."""
+    settings: Settings
+    scheduler: object
+    latents: torch.Tensor
+    generator: torch.Generator
+    prediction_type: str
+    do_cfg: bool
+    timesteps: list[float] = field(default_factory=list)
+    position: int = 0  # index of the next model evaluation
+    pending: _Pending | None = None
+    captured: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    steps: list[Step] = field(default_factory=list)
+    x_in: torch.Tensor | None = None
+    sigma_space: bool = False  # latents scaled like x0 + sigma * eps (Euler family)
+    step_kwargs: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.timesteps = [float(t) for t in self.scheduler.timesteps.cpu()]
+        self.sigma_space = abs(float(self.scheduler.init_noise_sigma) - 1.0) > 1e-6
+        accepted = set(inspect.signature(self.scheduler.step).parameters)
+        if "eta" in accepted:
+            self.step_kwargs["eta"] = 0.0
+        if "generator" in accepted:
+            self.step_kwargs["generator"] = self.generator
+
+    @property
+    def done(self) -> bool:
+        return self.position >= len(self.timesteps)
+
+    def model_input(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This sampler's next UNet input (scaled latents) and its timestep."""
+        t = self.scheduler.timesteps[self.position]
+        self.x_in = self.scheduler.scale_model_input(self.latents, t)
+        return self.x_in, t
+
+    def _sigma(self, t: torch.Tensor) -> torch.Tensor:
+        """Noise level of the current model input, without a device sync."""
+        device = self.latents.device
+        if self.sigma_space:
+            c_in = self.scheduler.scale_model_input(torch.ones(1, device=device), t)
+            return torch.sqrt(torch.clamp(1.0 / c_in.float() ** 2 - 1.0, min=0.0))[0]
+        sigmas = getattr(self.scheduler, "sigmas", None)
+        if sigmas is not None and len(sigmas) == len(self.timesteps) + 1:
+            return sigmas[self.position].float().to(device)
+        abar = float(self.scheduler.alphas_cumprod[int(self.timesteps[self.position])])
+        return torch.tensor(math.sqrt((1 - abar) / abar), device=device)
+
+    def advance(self, model_output: torch.Tensor, cond: torch.Tensor | None, uncond: torch.Tensor | None):
+        """Feed one evaluation's guided output; return the Step if it completed one."""
+        t = self.scheduler.timesteps[self.position]
+        if self.pending is None:
+            sigma = self._sigma(t)
+            x0, eps = predictions(self.x_in, model_output, sigma, self.prediction_type)
+            self.pending = _Pending(self.timesteps[self.position], sigma, x0=x0, eps=eps,
+                                    eps_cond=cond, eps_uncond=uncond)
+        self.pending.evaluations += 1
+        self.latents = self.scheduler.step(model_output, t, self.latents, **self.step_kwargs, return_dict=False)[0]
+        self.position += 1
+        if not self._completed_step():
+            return None
+        return self._finish_step()
+
+    def _completed_step(self) -> bool:
+        if self.done:
+            return True
+        if hasattr(self.scheduler, "state_in_first_order"):
+            return bool(self.scheduler.state_in_first_order)
+        # PNDM's first step re-evaluates at the next timestep (timesteps t0, t1, t1, t2, ...)
+        ts, i = self.timesteps, self.position - 1
+        return not (i + 2 < len(ts) and ts[i + 1] == ts[i + 2] and i == 0)
+
+    def _finish_step(self) -> Step:
+        pending, self.pending = self.pending, None
+        if self.done:
+            scale = torch.ones((), device=self.latents.device)
+        elif self.sigma_space:
+            scale = self.scheduler.scale_model_input(torch.ones(1, device=self.latents.device),
+                                                     self.scheduler.timesteps[self.position])[0]
+        else:
+            scale = torch.ones((), device=self.latents.device)
+        record = {"latents": self.latents, "xt": self.latents * scale, "x0": pending.x0, "eps": pending.eps,
+                  "sigma": pending.sigma.reshape(1)}
+        if pending.eps_cond is not None:
+            record.update(eps_cond=pending.eps_cond, eps_uncond=pending.eps_uncond)
+        for key, value in record.items():
+            self.captured.setdefault(key, []).append(value)
+        index = len(self.steps) + 1
+        step = Step(index=index, timestep=pending.timestep, sigma=float("nan"), noise_share=float("nan"),
+                    progress=index / self.settings.num_inference_steps, evaluations=pending.evaluations)
+        self.steps.append(step)
+        return step
+
+
+def predictions(x_in: torch.Tensor, output: torch.Tensor, sigma: torch.Tensor, prediction_type: str):
+    """(x0-hat, eps) from a model output, for a model input x_in = (x0 + sigma * eps) / sqrt(1 + sigma^2)."""
+    alpha = 1.0 / torch.sqrt(1.0 + sigma ** 2)
+    if prediction_type == "epsilon":
+        return x_in / alpha - sigma * output, output
+    if prediction_type == "v_prediction":  # v = alpha * eps - sigma_vp * x0, sigma_vp = alpha * sigma
+        sigma_vp = alpha * sigma
+        return alpha * x_in - sigma_vp * output, sigma_vp * x_in + alpha * output
+    raise ValueError(f"Unsupported prediction type {prediction_type!r} (epsilon and v_prediction are).")
+
+
+def _prompt_info(pipe, prompt: str) -> dict:
+    tokenizer = pipe.tokenizer
+    ids = tokenizer(prompt, truncation=False).input_ids
+    limit = tokenizer.model_max_length
+    kept = ids[: limit - 1] + ([ids[-1]] if len(ids) > limit else [])
+    dropped = tokenizer.decode(ids[limit - 1:-1]).strip() if len(ids) > limit else ""
+    return {"tokens": len(ids), "token_limit": limit, "truncated": bool(dropped), "dropped_text": dropped,
+            "token_strings": tokenizer.convert_ids_to_tokens(kept)}
+
+
+def generate_many(settings_list: list[Settings], pipe=None, callback: StepCallback | None = None,
+                  should_stop: Callable[[], bool] | None = None) -> list[Run]:
+    """Run several samplers in lockstep on one prompt, seed and size; one Run each, same initial noise.
+
+    Every Settings must share prompt, negative prompt, seed, size and model (only the sampler, steps and
+    guidance may differ). `should_stop` is polled between rounds: when it returns True the runs end
+    early and keep the steps computed so far (their `info["stopped"]` is True).
+    """
+    for s in settings_list:
+        s.validate()
+    first = settings_list[0]
+    shared = ("prompt", "negative_prompt", "seed", "width", "height", "model")
+    for s in settings_list[1:]:
+        for name in shared:
+            if getattr(s, name) != getattr(first, name):
+                raise ValueError(f"Runs in one lockstep batch must share {name}.")
+    model_source = first.model if pipe is not None else resolve(first.model).source
+    pipe = pipe or load_pipeline(first.model)
+    unet, device = pipe.unet, pipe.unet.device
+    scale_factor = pipe.vae_scale_factor
+    height = first.height or unet.config.sample_size * scale_factor
+    width = first.width or unet.config.sample_size * scale_factor
+    if height % scale_factor or width % scale_factor:
+        raise ValueError(f"Width and height must be multiples of {scale_factor} for this model.")
+    started = time.perf_counter()
+    with torch.inference_mode():
+        any_cfg = any(s.guidance_scale > 1 and unet.config.time_cond_proj_dim is None for s in settings_list)
+        positive, negative = pipe.encode_prompt(first.prompt, device, 1, any_cfg, first.negative_prompt or None)
+        loops = []
+        for s in settings_list:
+            scheduler = make_scheduler(s.sampler, pipe.scheduler.config)
+            scheduler.set_timesteps(s.num_inference_steps, device=device)
+            generator = torch.Generator("cpu").manual_seed(s.seed)
+            shape = (1, unet.config.in_channels, height // scale_factor, width // scale_factor)
+            noise = randn_tensor(shape, generator=generator, device=device, dtype=positive.dtype)
+            loops.append(_SamplerLoop(
+                settings=s, scheduler=scheduler, latents=noise * scheduler.init_noise_sigma, generator=generator,
+                prediction_type=scheduler.config.prediction_type,
+                do_cfg=s.guidance_scale > 1 and unet.config.time_cond_proj_dim is None,
+            ))
+        initial_noise = noise
+        evaluations = _run_lockstep(pipe, loops, positive, negative, callback, should_stop)
+    elapsed = time.perf_counter() - started
+    info_common = {
+        "model": first.model, "model_source": model_source,
+        "device": str(device), "dtype": str(positive.dtype).replace("torch.", ""),
+        "text_embedding_shape": list(positive.shape), "latent_shape": list(initial_noise.shape),
+        "vae_scale_factor": scale_factor, "image_size": [height, width],
+        "vae_scaling_factor": float(pipe.vae.config.scaling_factor),
+        "seconds": round(elapsed, 3), "lockstep_batch": len(loops), **_prompt_info(pipe, first.prompt),
+    }
+    return [_to_run(loop, initial_noise, {**info_common, "unet_evaluations": n}, should_stop)
+            for loop, n in zip(loops, evaluations)]
+
+
+def _run_lockstep(pipe, loops, positive, negative, callback, should_stop) -> list[int]:
+    unet = pipe.unet
+    evaluations = [0] * len(loops)
+    while not all(loop.done for loop in loops):
+        if should_stop is not None and should_stop():
+            break
+        active = [i for i, loop in enumerate(loops) if not loop.done]
+        inputs, times, embeds, conds = [], [], [], []
+        for i in active:
+            loop = loops[i]
+            x_in, t = loop.model_input()
+            copies = 2 if loop.do_cfg else 1
+            inputs += [x_in] * copies
+            times += [t.float().reshape(1)] * copies
+            embeds += [negative, positive] if loop.do_cfg else [positive]
+            if unet.config.time_cond_proj_dim is not None:
+                w = torch.tensor([loop.settings.guidance_scale - 1.0])
+                cond = pipe.get_guidance_scale_embedding(w, embedding_dim=unet.config.time_cond_proj_dim)
+                conds += [cond.to(device=x_in.device, dtype=x_in.dtype)] * copies
+        output = unet(torch.cat(inputs), torch.cat(times), encoder_hidden_states=torch.cat(embeds),
+                      timestep_cond=torch.cat(conds) if conds else None, return_dict=False)[0]
+        offset = 0
+        for i in active:
+            loop = loops[i]
+            if loop.do_cfg:
+                uncond, cond = output[offset:offset + 1], output[offset + 1:offset + 2]
+                guided = uncond + loop.settings.guidance_scale * (cond - uncond)
+                offset += 2
+            else:
+                guided, cond, uncond = output[offset:offset + 1], None, None
+                offset += 1
+            evaluations[i] += 1
+            step = loop.advance(guided, cond, uncond)
+            if step is not None and callback is not None:
+                c = loop.captured
+                callback(StepEvent(i, step, c["latents"][-1], c["xt"][-1], c["x0"][-1]))
+    return evaluations
+
+
+def _to_run(loop: _SamplerLoop, initial_noise: torch.Tensor, info: dict, should_stop) -> Run:
+    tensors = {k: torch.cat(v).float().cpu() for k, v in loop.captured.items()}
+    sigmas = tensors.pop("sigma", torch.zeros(0)).tolist()
+    for step, sigma in zip(loop.steps, sigmas):
+        step.sigma = sigma
+        step.noise_share = sigma / math.sqrt(1.0 + sigma * sigma)
+    tensors["initial_noise"] = initial_noise.float().cpu()
+    for name in ("latents", "x0"):
+        if name in tensors and not torch.isfinite(tensors[name]).all():
+            bad = int((~torch.isfinite(tensors[name])).flatten(1).any(1).nonzero()[0]) + 1
+            raise NonFiniteError(f"The model produced NaN or infinite values at step {bad} of "
+                                 f"{loop.settings.sampler}. Try fewer steps, another sampler, or fp32.")
+    scheduler = loop.scheduler
+    info = {**info, "sampler": loop.settings.sampler, "scheduler": type(scheduler).__name__,
+            "scheduler_config": {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")},
+            "init_noise_sigma": float(scheduler.init_noise_sigma),
+            "stopped": len(loop.steps) < loop.settings.num_inference_steps}
+    return Run(settings=loop.settings, steps=loop.steps, tensors=tensors, info=_jsonable(info))
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
+def generate(settings: Settings, pipe=None, callback: StepCallback | None = None,
+             should_stop: Callable[[], bool] | None = None) -> Run:
+    """One sampler's run with every step captured (see `generate_many`)."""
+    return generate_many([settings], pipe, callback, should_stop)[0]

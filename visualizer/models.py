@@ -1,0 +1,121 @@
+"""Resolve a model reference (embedded / alias / local folder / hub id), load it once, cache it.
+
+Device is picked cuda > mps > cpu; GPUs run fp16 with the VAE kept in fp32 (fp16 VAE decodes can
+give NaN frames); the CPU runs fp32.
+"""
+from __future__ import annotations
+
+import re
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo-model"
+EMBEDDED = "embedded"
+ALIASES = {
+    "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "sd21": "stabilityai/stable-diffusion-2-1-base",
+    "sd-turbo": "stabilityai/sd-turbo",
+}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+_CACHE_SIZE = 2
+
+
+class ModelLoadError(RuntimeError):
+    """A model reference that cannot be loaded; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    name: str  # what the person typed (or "embedded")
+    source: str  # a local folder path or a hub id
+    is_local: bool
+
+
+def pick_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve(reference: str | None) -> ModelRef:
+    """Turn what a person typed into a folder or hub id, or raise ModelLoadError saying why not."""
+    name = (reference or EMBEDDED).strip()
+    if name in ("", EMBEDDED):
+        if not (EMBEDDED_MODEL_DIR / "model_index.json").exists():
+            raise ModelLoadError(f"The embedded model is missing from {EMBEDDED_MODEL_DIR}. "
+                                 "Reinstall the project or train it: python -m visualizer.demo_model.train")
+        return ModelRef(EMBEDDED, str(EMBEDDED_MODEL_DIR), True)
+    if name in ALIASES:
+        return ModelRef(name, ALIASES[name], False)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").exists():
+            raise ModelLoadError(f"{name} is a folder but not a diffusers model (no model_index.json). "
+                                 "Point to a folder saved with save_pretrained.")
+        return ModelRef(name, str(path.resolve()), True)
+    if _HUB_ID.match(name) and not name.startswith((".", "/", "~")):
+        return ModelRef(name, name, False)
+    raise ModelLoadError(f"Model {name!r} is neither a folder on this machine, a hub id (owner/name), "
+                         f"nor an alias ({', '.join([EMBEDDED, *ALIASES])}).")
+
+
+class _PipelineCache:
+    """Loaded pipelines by (source, device, dtype); least recently used dropped beyond `size`."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._items: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, ref: ModelRef, device: torch.device):
+        dtype = torch.float32 if device.type == "cpu" else torch.float16
+        key = (ref.source, str(device), dtype)
+        with self._lock:  # one load at a time; concurrent callers wait and share the result
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+            pipe = _load(ref, device, dtype)
+            self._items[key] = pipe
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+            return pipe
+
+
+def _load(ref: ModelRef, device: torch.device, dtype: torch.dtype):
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # hides the safety-checker notice: this tool shows raw frames
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            ref.source, dtype=dtype, safety_checker=None, requires_safety_checker=False,
+            local_files_only=ref.is_local,
+        )
+    except Exception as error:  # hub / disk / format errors all reach the person as one message
+        where = "folder" if ref.is_local else "Hugging Face Hub id"
+        hint = ("Check that it is a Stable Diffusion 1.x/2.x model in diffusers format."
+                if ref.is_local else
+                "Check the id and your network; offline, download it once elsewhere and pass its local folder.")
+        raise ModelLoadError(f"Could not load {ref.name!r} ({where} {ref.source}): "
+                             f"{type(error).__name__}: {str(error).splitlines()[0][:200]}. {hint}") from error
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+    if pipe.vae.dtype != torch.float32:
+        pipe.vae.to(torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+_CACHE = _PipelineCache(_CACHE_SIZE)
+
+
+def load_pipeline(reference: str | None = None, device: torch.device | None = None):
+    """The StableDiffusionPipeline for `reference`, loaded once and cached."""
+    return _CACHE.get(resolve(reference), device or pick_device())
