@@ -163,3 +163,10 @@ def matches(detection: Detection, color: str, shape: str, position: str) -> dict
     """Which of the requested attributes the detection got right."""
     return {"color": detection.color == color, "shape": detection.shape == shape,
             "position": detection.position == position}
+
+
+def unknown_words(prompt: str) -> list[str]:
+    """Words of `prompt` the embedded model never saw in training (in order, without repeats)."""
+    known = set(vocabulary())
+    words = [w.strip(".,;:!?\"'").lower() for w in prompt.split()]
+    return list(dict.fromkeys(w for w in words if w and w not in known))

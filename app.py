@@ -1,0 +1,49 @@
+"""Launch the denoising visualizer: python app.py [--model M] [--host H] [--port P] [--share] [--auth user:pass]"""
+import argparse
+import ipaddress
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="embedded", help="default model: embedded, sd15, sd21, sd-turbo, a folder or hub id")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--share", action="store_true", help="a public gradio.live link")
+    parser.add_argument("--auth", default=None, help="user:password required to open the app")
+    parser.add_argument("--allow-any-model", action="store_true",
+                        help="let visitors load any local folder or hub id (always on for a loopback host)")
+    parser.add_argument("--output-dir", type=Path, default=Path("outputs"), help="where exports are written and served from")
+    parser.add_argument("--max-queue", type=int, default=16, help="queued runs beyond this are refused as busy")
+    parser.add_argument("--keep-runs", type=int, default=32, help="finished runs kept in memory for the slider")
+    args = parser.parse_args(argv)
+
+    from visualizer.ui import CSS, AppConfig, build
+
+    public = args.share or not is_loopback(args.host)
+    output_dir = args.output_dir.resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    demo = build(AppConfig(output_dir=output_dir, default_model=args.model,
+                           allow_any_model=args.allow_any_model or not public, run_capacity=args.keep_runs))
+    auth = tuple(args.auth.split(":", 1)) if args.auth else None
+    if args.auth and len(auth) != 2:
+        sys.exit("error: --auth takes user:password")
+    demo.queue(max_size=args.max_queue, default_concurrency_limit=1)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
+                allowed_paths=[str(output_dir)], max_file_size="10mb", enable_monitoring=False,
+                css=CSS, footer_links=["api"], ssr_mode=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""What the slider shows: one step of a run (or of several, aligned) as an RGB image and a label.
+
+Plain numpy / PIL, no gradio: the UI and the tests call the same functions.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .export import MIN_SIZE, grid, step_label, upscale, view_frames
+
+VIEWS = {  # UI label -> key
+    "x_t (noisy latents, decoded)": "xt",
+    "x0-hat (predicted final image)": "x0",
+    "both side by side": "both",
+    "latent channels": "latents",
+    "noise prediction": "noise",
+}
+
+
+def _tiles(tensor: torch.Tensor) -> np.ndarray:
+    """[C, h, w] -> uint8 grey tiles side by side, each channel normalised to its own range."""
+    tiles = []
+    for channel in tensor.float():
+        low, high = channel.min(), channel.max()
+        tiles.append(((channel - low) / (high - low + 1e-8) * 255).byte().numpy())
+        tiles.append(np.full((channel.shape[0], 1), 40, np.uint8))
+    return np.repeat(np.concatenate(tiles[:-1], axis=1)[..., None], 3, axis=2)
+
+
+def frame(run, index: int, view: str = "xt") -> np.ndarray:
+    """The image of step `index` (0-based) of `run` in `view` (a VIEWS value), upscaled for display."""
+    if view in ("xt", "x0", "both"):
+        return np.asarray(upscale(view_frames(run, view)[index], MIN_SIZE))
+    if view == "latents":
+        image = _tiles(run.tensors["xt"][index])
+    elif view == "noise":
+        image = _tiles(run.tensors["eps"][index])
+    else:
+        raise ValueError(f"Unknown view {view!r}.")
+    return np.asarray(upscale(image, 128))
+
+
+def describe(run, index: int) -> str:
+    """One line about step `index` (0-based): step, t, sigma, noise share, evaluations."""
+    step = run.steps[index]
+    return (f"Step {step.index} of {len(run)} · timestep t = {step.timestep:.0f} · sigma = {step.sigma:.3f} · "
+            f"noise share {step.noise_share:.0%}" + (f" · {step.evaluations} model evaluations" if step.evaluations > 1 else ""))
+
+
+def aligned_index(run, progress: float) -> int:
+    """The step of `run` at `progress` (0..1] through its schedule (0-based)."""
+    return max(0, min(len(run) - 1, math.ceil(progress * len(run)) - 1))
+
+
+def grid_frame(runs, progress: float, view: str = "xt", columns: int | None = None) -> np.ndarray:
+    """All runs at the same progress through their schedules, one labelled cell each."""
+    view = view if view in ("xt", "x0") else "xt"
+    cells, labels = [], []
+    for run in runs:
+        i = aligned_index(run, progress)
+        cells.append(upscale(view_frames(run, view)[i], MIN_SIZE))
+        labels.append(f"{run.settings.sampler} · {step_label(run.steps[i], len(run))}")
+    return np.asarray(grid(cells, labels, columns or min(4, len(runs))))
