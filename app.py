@@ -27,6 +27,7 @@ def main(argv=None) -> None:
     parser.add_argument("--output-dir", type=Path, default=Path("outputs"), help="where exports are written and served from")
     parser.add_argument("--max-queue", type=int, default=16, help="queued runs beyond this are refused as busy")
     parser.add_argument("--keep-runs", type=int, default=32, help="finished runs kept in memory for the slider")
+    parser.add_argument("--cache-ttl", type=int, default=3600, help="seconds served files are kept before deletion")
     args = parser.parse_args(argv)
 
     from visualizer.ui import CSS, AppConfig, build
@@ -35,7 +36,8 @@ def main(argv=None) -> None:
     output_dir = args.output_dir.resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     demo = build(AppConfig(output_dir=output_dir, default_model=args.model,
-                           allow_any_model=args.allow_any_model or not public, run_capacity=args.keep_runs))
+                           allow_any_model=args.allow_any_model or not public, run_capacity=args.keep_runs,
+                           cache_ttl=args.cache_ttl))
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
     if args.auth and len(auth) != 2:
         sys.exit("error: --auth takes user:password")

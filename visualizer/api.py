@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-from .decode import decode_run
+from .decode import StreamingDecoder
 from .denoise import StepCallback, generate_many
 from .models import load_pipeline
 from .run import Run, Settings
@@ -12,26 +12,38 @@ from .run import Run, Settings
 def run(prompt: str, *, sampler: str = "Euler", model: str = "embedded", num_inference_steps: int = 25,
         guidance_scale: float = 7.5, seed: int = 0, width: int | None = None, height: int | None = None,
         negative_prompt: str = "", decode: bool = True, callback: StepCallback | None = None,
-        should_stop: Callable[[], bool] | None = None) -> Run:
+        should_stop: Callable[[], bool] | None = None, decoder: StreamingDecoder | None = None) -> Run:
     """Generate, capture every step and (by default) decode its x_t and x0-hat frames through the VAE."""
     return compare(prompt, [sampler], model=model, num_inference_steps=num_inference_steps,
                    guidance_scale=guidance_scale, seed=seed, width=width, height=height,
-                   negative_prompt=negative_prompt, decode=decode, callback=callback, should_stop=should_stop)[0]
+                   negative_prompt=negative_prompt, decode=decode, callback=callback, should_stop=should_stop,
+                   decoder=decoder)[0]
 
 
 def compare(prompt: str, samplers: Sequence[str], *, model: str = "embedded", num_inference_steps: int = 25,
             guidance_scale: float = 7.5, seed: int = 0, width: int | None = None, height: int | None = None,
             negative_prompt: str = "", decode: bool = True, callback: StepCallback | None = None,
-            should_stop: Callable[[], bool] | None = None) -> list[Run]:
-    """Several samplers on the same prompt, seed and initial noise, run in lockstep (one UNet batch per round)."""
+            should_stop: Callable[[], bool] | None = None, decoder: StreamingDecoder | None = None) -> list[Run]:
+    """Several samplers on the same prompt, seed and initial noise, run in lockstep (one UNet batch per round).
+
+    With `decode`, every step's x_t and x0-hat are VAE-decoded in batches as the steps finish (pass your
+    own `decoder` to read its newest frames during the run).
+    """
     if not samplers:
         raise ValueError("Pick at least one sampler.")
     settings = [Settings(prompt=prompt, negative_prompt=negative_prompt, model=model, sampler=name,
                          num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed,
                          width=width, height=height).validate() for name in samplers]
     pipe = load_pipeline(model)
-    runs = generate_many(settings, pipe, callback=callback, should_stop=should_stop)
-    if decode:
-        for r in runs:
-            decode_run(r, pipe.vae)
+    if not decode:
+        return generate_many(settings, pipe, callback=callback, should_stop=should_stop)
+    decoder = decoder or StreamingDecoder(pipe.vae)
+
+    def on_step(event):
+        decoder(event)
+        if callback is not None:
+            callback(event)
+
+    runs = generate_many(settings, pipe, callback=on_step, should_stop=should_stop)
+    decoder.finish(runs)
     return runs

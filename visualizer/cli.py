@@ -174,6 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, ModelLoadError, NonFiniteError, FileNotFoundError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2 if isinstance(error, ValueError) else 1
+    except (MemoryError, RuntimeError) as error:  # torch.OutOfMemoryError is a RuntimeError
+        if not isinstance(error, MemoryError) and "out of memory" not in str(error).lower():
+            raise
+        print("error: out of memory: try a smaller size, fewer samplers or fewer steps", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -86,6 +86,45 @@ def taesd_decode(taesd, latents: torch.Tensor, scaling_factor: float) -> np.ndar
     return to_uint8(images)
 
 
+class StreamingDecoder:
+    """A step callback that VAE-decodes each finished step's x_t and x0-hat in batches during the run.
+
+    Batching amortises the decoder's per-call cost; decoding as steps finish means the slider has exact
+    frames while the run is still going. `finish` decodes what is left and hands the frames to the runs.
+    """
+
+    def __init__(self, vae, kinds: tuple[str, ...] = ("xt", "x0"), batch_size: int = 8):
+        self.vae, self.kinds, self.batch_size = vae, kinds, batch_size
+        self.frames: dict[int, dict[str, list[np.ndarray]]] = {}
+        self._pending: list[tuple[int, str, torch.Tensor]] = []
+
+    def __call__(self, event) -> None:
+        for kind in self.kinds:
+            self._pending.append((event.sampler_index, kind, getattr(event, kind)))
+        if len(self._pending) >= self.batch_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        decoded = vae_decode(self.vae, torch.cat([t for _, _, t in self._pending]), batch_size=len(self._pending))
+        for (index, kind, _), frame in zip(self._pending, decoded):
+            self.frames.setdefault(index, {}).setdefault(kind, []).append(frame)
+        self._pending = []
+
+    def latest(self, index: int, kind: str) -> tuple[int, np.ndarray] | None:
+        """(step number, frame) of the newest decoded frame of run `index`, or None."""
+        frames = self.frames.get(index, {}).get(kind)
+        return (len(frames), frames[-1]) if frames else None
+
+    def finish(self, runs) -> None:
+        """Decode what is left and attach frames (and final images) to `runs`, in sampler order."""
+        self.flush()
+        for index, run in enumerate(runs):
+            run.frames.update(self.frames.get(index, {}))
+            decode_run(run, self.vae, self.kinds)
+
+
 def decode_run(run, vae, kinds: tuple[str, ...] = ("xt", "x0"), batch_size: int = 8) -> None:
     """Decode every step of `run` for each kind in place (run.frames) and set run.final_image."""
     for kind in kinds:

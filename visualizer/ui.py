@@ -15,7 +15,7 @@ import gradio as gr
 import numpy as np
 
 from . import api, views
-from .decode import vae_decode
+from .decode import StreamingDecoder, latent_preview, latent_rgb_factors
 from .demo_model import scenes
 from .denoise import NonFiniteError
 from .export import export_grid, export_run, upscale
@@ -44,6 +44,7 @@ class AppConfig:
     default_model: str = EMBEDDED
     allow_any_model: bool = True  # local folders and hub ids typed in the UI
     run_capacity: int = 32  # finished runs kept for the slider
+    cache_ttl: int = 3600  # seconds Gradio keeps the files it serves (previews, frames) before deleting them
 
 
 class UserError(gr.Error):
@@ -80,6 +81,12 @@ class App:
     def generate(self, prompt, negative_prompt, seed, steps, guidance, sampler, width, height, model):
         """Stream (preview, status) while the run goes; end with the decoded run on the slider."""
         model = _check_model(model, self.config)
+        try:
+            pipe = load_pipeline(model)
+        except ModelLoadError as error:
+            raise UserError(str(error)) from None
+        decoder = StreamingDecoder(pipe.vae)
+        factors = latent_rgb_factors(pipe.config.get("_name_or_path"))
         events: queue.Queue = queue.Queue()
         stop = threading.Event()
         result: dict = {}
@@ -89,7 +96,7 @@ class App:
                 result["run"] = api.run(
                     prompt, negative_prompt=negative_prompt, sampler=sampler, model=model,
                     num_inference_steps=steps, guidance_scale=guidance, seed=seed, width=_size(width),
-                    height=_size(height), callback=events.put, should_stop=stop.is_set)
+                    height=_size(height), callback=events.put, should_stop=stop.is_set, decoder=decoder)
             except Exception as error:  # handed to the request thread, which reports it
                 result["error"] = error
             finally:
@@ -107,10 +114,8 @@ class App:
                 now = time.monotonic()
                 if now - last_sent >= PREVIEW_INTERVAL:
                     last_sent = now
-                    pipe = load_pipeline(model)
-                    preview = vae_decode(pipe.vae, event.x0.float().cpu())[0]
-                    yield (np.asarray(upscale(preview)), gr.update(), gr.update(), gr.update(),
-                           f"Step {event.step.index} of {steps}: x0-hat so far (live)", notice)
+                    image, status_line = _live_preview(decoder, event, factors)
+                    yield image, gr.update(), gr.update(), gr.update(), status_line, notice
         finally:  # a Stop press or a closed tab lands here: halt the loop within one step
             stop.set()
             thread.join()
@@ -189,9 +194,23 @@ class App:
 def _user_error(error: Exception) -> gr.Error:
     if isinstance(error, (ValueError, ModelLoadError, NonFiniteError)):
         return UserError(str(error))
-    if "out of memory" in str(error).lower():
+    if isinstance(error, MemoryError) or "out of memory" in str(error).lower():
         return UserError("Out of memory: try a smaller size, fewer samplers or fewer steps.")
     return UserError(f"The run failed: {type(error).__name__}: {str(error)[:200]}")
+
+
+def _live_preview(decoder, event, factors) -> tuple[np.ndarray, str]:
+    """(image, status line) during a run: the newest exact VAE frame of x0-hat, or until the first
+    batch is decoded, the cheap latent -> RGB approximation (said so)."""
+    latest = decoder.latest(0, "x0")
+    total = round(event.step.index / event.step.progress)
+    if latest is None:
+        image = latent_preview(event.x0, *factors)[0]
+        return (np.asarray(upscale(image)),
+                f"Step {event.step.index} of {total} · approximate preview (latent colours) of x0-hat")
+    index, image = latest
+    return (np.asarray(upscale(image)),
+            f"Step {event.step.index} of {total} · showing x0-hat of step {index} (exact VAE decode)")
 
 
 def _steps_table(run) -> list[list]:
@@ -211,7 +230,7 @@ def _settings_controls(default_model: str, allow_any: bool):
         seed = gr.Number(value=0, precision=0, label="Seed", minimum=0, scale=3)
         randomize = gr.Button("Random seed", scale=1, min_width=80, elem_id="randomize")
     randomize.click(lambda: int(np.random.randint(0, 2**31 - 1)), None, seed, api_visibility="private")
-    steps = gr.Slider(1, 100, value=25, step=1, label="Steps")
+    steps = gr.Slider(1, 250, value=25, step=1, label="Steps")
     guidance = gr.Slider(0, 20, value=7.5, step=0.5, label="Guidance scale (CFG)")
     with gr.Accordion("Size and model", open=False):
         with gr.Row():
@@ -225,7 +244,8 @@ def _settings_controls(default_model: str, allow_any: bool):
 
 def build(config: AppConfig) -> gr.Blocks:
     app = App(config)
-    with gr.Blocks(title="Denoising visualizer") as demo:
+    ttl = max(2, config.cache_ttl)
+    with gr.Blocks(title="Denoising visualizer", delete_cache=(ttl // 2, ttl)) as demo:
         gr.Markdown("# Denoising visualizer\nWatch a diffusion model turn noise into an image, one step at a time.")
         with gr.Tab("Generate"):
             gr.Markdown(PROSE["generate"], elem_classes="explain")

@@ -28,11 +28,11 @@ class TrainConfig:
     seed: int = 0  # everything (data, init, batches, noise) derives from it
     dataset_size: int = 20000  # procedural scenes rendered once and cached
     max_length: int = 24  # tokenizer / text encoder context length
-    vae_steps: int = 2000
+    vae_steps: int = 3000
     vae_batch: int = 16
     vae_lr: float = 1e-3
     shape_weight: float = 20.0  # reconstruction loss weight on pixels that differ from the background
-    unet_steps: int = 8000
+    unet_steps: int = 6000
     unet_batch: int = 64
     unet_lr: float = 5e-4
     text_lr: float = 1e-3
@@ -97,6 +97,8 @@ def train_vae(cfg: TrainConfig, vae, images: torch.Tensor, work: Path) -> None:
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample(generator=g)).sample
         loss = ((recon - x).abs() * shape_weights(x, cfg.shape_weight)).mean() + 1e-6 * posterior.kl().mean()
+        for group in opt.param_groups:  # linear decay to a tenth: sharper edges at the end
+            group["lr"] = cfg.vae_lr * (1.0 - 0.9 * step / cfg.vae_steps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -165,8 +167,8 @@ def train_unet(cfg, tokenizer, encoder, vae, unet, items, latents, work: Path) -
         snr = alphas[t] / (1 - alphas[t])
         weight = torch.clamp(snr, max=cfg.min_snr_gamma) / snr
         loss = (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * weight).mean()
-        for group, peak in zip(opt.param_groups, (cfg.unet_lr, cfg.text_lr)):
-            group["lr"] = peak * min(1.0, (step + 1) / 200)
+        for group, peak in zip(opt.param_groups, (cfg.unet_lr, cfg.text_lr)):  # warm up, hold, decay the last 30%
+            group["lr"] = peak * min(1.0, (step + 1) / 200, max(0.1, (cfg.unet_steps - step) / (0.3 * cfg.unet_steps)))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(unet.parameters()) + list(encoder.parameters()), 1.0)
