@@ -93,7 +93,7 @@ def test_downloads_are_valid_files_under_the_output_folder(client, tiny_model, a
 
 
 def test_compare_returns_one_cell_per_sampler_and_a_shared_slider(client, tiny_model):
-    grid, slider, status = client.predict("a red circle", "", 3, 4, 7.5, ["Euler", "DDIM", "Heun"], 0, 0,
+    grid, slider, status, curves = client.predict("a red circle", "", 3, 4, 7.5, ["Euler", "DDIM", "Heun"], 0, 0,
                                           tiny_model, api_name="/compare")
     assert status.startswith("3 samplers") and slider["value"] == 100
     full = Image.open(grid)
@@ -123,3 +123,26 @@ def test_bad_input_gets_a_message_and_the_app_keeps_serving(client, tiny_model, 
         generate(client, tiny_model, **kw)
     _, slider, *_ = generate(client, tiny_model, steps=3)
     assert slider["maximum"] == 3
+
+
+def test_insight_panels_follow_the_step(client, tiny_model):
+    generate(client, tiny_model, steps=6)
+    early = client.predict(2, api_name="/insight")
+    late = client.predict(5, api_name="/insight")
+    convergence, schedule, numbers, uncond, cond, added, guided, change, stages = late
+    assert "| 5 / 6 |" in numbers and "| 2 / 6 |" in early[2]
+    assert Image.open(early[0]).tobytes() != Image.open(convergence).tobytes()  # the ring moved
+    assert Image.open(early[1]).tobytes() != Image.open(schedule).tobytes()  # the marker moved
+    for path in (uncond, cond, added, guided, change):
+        assert Image.open(path).width >= 160
+    assert "Tokenizer" in stages and "6 evaluations for 6 steps" in stages
+
+
+def test_forward_noising_follows_the_slider(client, tiny_model):
+    generate(client, tiny_model, steps=6)
+    first, view, status = client.predict(None, 1, api_name="/noise_image")
+    assert view["value"].startswith("forward noising") and "6 noise levels" in status
+    forward = "forward noising q(x_t | x_0) of an image"
+    noisy, _ = client.predict(1, forward, api_name="/frame")
+    clean, _ = client.predict(6, forward, api_name="/frame")
+    assert Image.open(noisy).tobytes() != Image.open(clean).tobytes()

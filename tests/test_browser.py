@@ -65,10 +65,19 @@ def test_generate_scrub_compare_download(server, browser, tmp_path):
     page.wait_for_function("document.querySelector('#step-label')?.innerText.includes('Step 2 of 25')", timeout=20000)
     page.wait_for_function(f"document.querySelector('#frame img')?.src !== {final_src!r}", timeout=20000)
     step2_src = image_src(page, "#frame")
+    page.wait_for_function("document.querySelector('#convergence-plot img')?.src", timeout=20000)
+    plot_at_2 = image_src(page, "#convergence-plot")
     set_slider(page, "step", 20)
     page.wait_for_function("document.querySelector('#step-label')?.innerText.includes('Step 20 of 25')", timeout=20000)
     page.wait_for_function(f"document.querySelector('#frame img')?.src !== {step2_src!r}", timeout=20000)
+    page.wait_for_function(f"document.querySelector('#convergence-plot img')?.src !== {plot_at_2!r}",
+                           timeout=20000)  # the plot follows the slider
     shot(page, "scrubbed-1280")
+    page.get_by_role("tab", name="Schedule").click()
+    page.wait_for_function("document.querySelector('#step-numbers')?.innerText.includes('20 / 25')", timeout=20000)
+    page.get_by_role("tab", name="Guidance").click()
+    page.get_by_text("What guidance adds").wait_for(timeout=10000)
+    shot(page, "guidance-1280")
 
     page.get_by_text("Downloads").click()
     page.locator("#dl-gif").click()

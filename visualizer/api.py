@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 from .decode import StreamingDecoder
+from .insight import attach_metrics
 from .denoise import StepCallback, generate_many
 from .models import load_pipeline
 from .run import Run, Settings
@@ -46,4 +47,6 @@ def compare(prompt: str, samplers: Sequence[str], *, model: str = "embedded", nu
 
     runs = generate_many(settings, pipe, callback=on_step, should_stop=should_stop)
     decoder.finish(runs)
+    for r in runs:
+        attach_metrics(r)
     return runs

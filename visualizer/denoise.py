@@ -50,6 +50,7 @@ class _Pending:
     """One step being assembled across its model evaluations."""
     timestep: float
     sigma: torch.Tensor
+    x_in: torch.Tensor
     evaluations: int = 0
     x0: torch.Tensor | None = None
     eps: torch.Tensor | None = None
@@ -112,7 +113,7 @@ class _SamplerLoop:
         if self.pending is None:
             sigma = self._sigma(t)
             x0, eps = predictions(self.x_in, model_output, sigma, self.prediction_type)
-            self.pending = _Pending(self.timesteps[self.position], sigma, x0=x0, eps=eps,
+            self.pending = _Pending(self.timesteps[self.position], sigma, self.x_in, x0=x0, eps=eps,
                                     eps_cond=cond, eps_uncond=uncond)
         self.pending.evaluations += 1
         self.latents = self.scheduler.step(model_output, t, self.latents, **self.step_kwargs, return_dict=False)[0]
@@ -140,7 +141,7 @@ class _SamplerLoop:
         else:
             scale = torch.ones((), device=self.latents.device)
         record = {"latents": self.latents, "xt": self.latents * scale, "x0": pending.x0, "eps": pending.eps,
-                  "sigma": pending.sigma.reshape(1)}
+                  "x_in": pending.x_in, "sigma": pending.sigma.reshape(1)}
         if pending.eps_cond is not None:
             record.update(eps_cond=pending.eps_cond, eps_uncond=pending.eps_uncond)
         for key, value in record.items():
@@ -283,6 +284,8 @@ def _to_run(loop: _SamplerLoop, initial_noise: torch.Tensor, info: dict, should_
     info = {**info, "sampler": loop.settings.sampler, "scheduler": type(scheduler).__name__,
             "scheduler_config": {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")},
             "init_noise_sigma": float(scheduler.init_noise_sigma),
+            "prediction_type": loop.prediction_type, "guidance_scale": loop.settings.guidance_scale,
+            "seed": loop.settings.seed,
             "stopped": len(loop.steps) < loop.settings.num_inference_steps}
     return Run(settings=loop.settings, steps=loop.steps, tensors=tensors, info=_jsonable(info))
 

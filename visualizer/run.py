@@ -96,7 +96,8 @@ class Step:
 class Run:
     settings: Settings
     steps: list[Step]
-    tensors: dict[str, torch.Tensor]  # per step [N, C, h, w] float32 CPU: latents, xt, x0, eps[, eps_cond, eps_uncond]
+    tensors: dict[str, torch.Tensor]  # per step [N, C, h, w] float32 CPU: latents, xt, x0, eps, x_in (the model
+    # input at the step's start)[, eps_cond, eps_uncond]; plus initial_noise [1, C, h, w]
     info: dict = field(default_factory=dict)  # model / scheduler / prompt facts for the pipeline-stages view
     frames: dict[str, list[np.ndarray]] = field(default_factory=dict)  # kind -> uint8 HxWx3 per step
     final_image: np.ndarray | None = None  # uint8 HxWx3, the decoded final latents

@@ -14,7 +14,7 @@ from pathlib import Path
 import gradio as gr
 import numpy as np
 
-from . import api, views
+from . import api, insight, views
 from .decode import StreamingDecoder, latent_preview, latent_rgb_factors
 from .demo_model import scenes
 from .denoise import NonFiniteError
@@ -33,6 +33,16 @@ PROSE = {
     "slider": "Drag the slider to see any step instantly. **x_t** is the noisy latent the sampler holds after the "
               "step, decoded by the VAE. **x0-hat** is the model's guess of the finished image at that step. "
               "Heun and DPM2 spend two model evaluations per step.",
+    "convergence": "How far the model's guess (x0-hat) is from the final image at each step: 1 - SSIM (structure) "
+                   "and the distance of the latents. The dotted line marks the first step whose guess shares "
+                   "half its structure with the final image (SSIM >= 0.5); the red ring is the slider's step.",
+    "guidance": "Classifier-free guidance runs the model twice per step, without and with the prompt, and "
+                "combines them: guided = uncond + scale × (cond − uncond). The images are the final image each "
+                "branch predicts at this step; the heatmap is where guidance pushes hardest.",
+    "change": "What changed in x0-hat since the previous step: bright = large change. Early steps change the "
+              "layout, late steps only edges.",
+    "forward": "The forward process, q(x_t | x_0): take an image, encode it, and add noise at this run's noise "
+               "levels, step by step. Move the slider: denoising runs this film backwards.",
     "compare": "Pick 2 to 8 samplers. They share the prompt, seed and initial noise and run in one batch. "
                "The slider moves every cell to the same point of its schedule (0% = first step, 100% = last).",
 }
@@ -139,7 +149,39 @@ class App:
             return None, ""
         run = self._runs(run_id)[0]
         index = int(min(max(1, step), len(run))) - 1
-        return views.frame(run, index, views.VIEWS.get(view_label, "xt")), views.describe(run, index)
+        try:
+            image = views.frame(run, index, views.VIEWS.get(view_label, "xt"))
+        except ValueError as error:
+            raise UserError(str(error)) from None
+        return image, views.describe(run, index)
+
+    def insight(self, run_id, step):
+        """The insight panels for a step: convergence and schedule plots, numbers, guidance, change, stages."""
+        if not run_id:
+            return (None,) * 9
+        run = self._runs(run_id)[0]
+        index = int(min(max(1, step), len(run))) - 1
+        convergence = insight.figure_png(insight.convergence_plot([run], current=index + 1))
+        schedule = insight.figure_png(insight.schedule_plot(run, current=index + 1))
+        parts = insight.guidance_breakdown(run, index, load_pipeline(run.settings.model).vae)
+        big = lambda a: np.asarray(upscale(a, 160)) if a is not None else None  # noqa: E731
+        parts = parts or {}
+        return (convergence, schedule, insight.step_numbers(run, index), big(parts.get("uncond")),
+                big(parts.get("cond")), big(parts.get("added")), big(parts.get("guided")),
+                big(insight.change_heatmap(run, index)), insight.pipeline_stages(run))
+
+    def noise_image(self, run_id, image, step):
+        """Forward-noise an uploaded image (or the run's final image) at the run's noise levels."""
+        if not run_id:
+            raise UserError("Generate a run first: its noise levels are the ones used.")
+        run = self._runs(run_id)[0]
+        source = image if image is not None else run.final_image
+        if source is None:
+            raise UserError("This run was stopped before its final image: upload an image to noise.")
+        run.frames["forward"] = insight.forward_noising(run, source, load_pipeline(run.settings.model).vae)
+        index = int(min(max(1, step), len(run))) - 1
+        return (views.frame(run, index, "forward"), gr.update(value=list(views.VIEWS)[-1]),
+                f"Noised at the {len(run)} noise levels of this run; the slider moves through them.")
 
     def compare(self, prompt, negative_prompt, seed, steps, guidance, samplers, width, height, model):
         model = _check_model(model, self.config)
@@ -154,7 +196,9 @@ class App:
             raise _user_error(error) from error
         run_id = self.store.add(runs)
         finals = views.grid_frame(runs, 1.0)
-        return finals, gr.update(value=100), run_id, f"{len(runs)} samplers, one batched UNet call per round."
+        curves = insight.figure_png(insight.convergence_plot(runs))
+        return (finals, gr.update(value=100), run_id, f"{len(runs)} samplers, one batched UNet call per round.",
+                curves)
 
     def show_grid(self, run_id, progress, view_label):
         if not run_id:
@@ -278,8 +322,38 @@ def build(config: AppConfig) -> gr.Blocks:
                                        [("gif", "GIF"), ("mp4", "MP4"), ("webp", "WebP"), ("zip", "Frames (ZIP)"),
                                         ("run", "Saved run (ZIP)")]}
                         file_out = gr.File(label="File", elem_id="download-file")
-                    steps_table = gr.Dataframe(headers=["step", "t", "sigma", "noise share", "evals"],
-                                               label="Steps", interactive=False, visible=True, max_height=240)
+                    with gr.Tabs(elem_id="insight"):
+                        with gr.Tab("Convergence"):
+                            gr.Markdown(PROSE["convergence"], elem_classes="explain")
+                            convergence_plot = gr.Image(label="Distance to the final image", format="png",
+                                                        interactive=False, elem_id="convergence-plot")
+                        with gr.Tab("Schedule"):
+                            schedule_plot = gr.Image(label="Noise schedule", format="png", interactive=False,
+                                                     elem_id="schedule-plot")
+                            numbers = gr.Markdown(elem_id="step-numbers")
+                        with gr.Tab("Guidance"):
+                            gr.Markdown(PROSE["guidance"], elem_classes="explain")
+                            with gr.Row():
+                                g_uncond = gr.Image(label="Without the prompt", format="png", interactive=False)
+                                g_cond = gr.Image(label="With the prompt", format="png", interactive=False)
+                                g_added = gr.Image(label="What guidance adds", format="png", interactive=False)
+                                g_guided = gr.Image(label="Guided (x0-hat)", format="png", interactive=False)
+                        with gr.Tab("Change"):
+                            gr.Markdown(PROSE["change"], elem_classes="explain")
+                            change = gr.Image(label="Change since the previous step", format="png",
+                                              interactive=False, elem_id="change")
+                        with gr.Tab("Forward noising"):
+                            gr.Markdown(PROSE["forward"], elem_classes="explain")
+                            with gr.Row():
+                                upload = gr.Image(label="Image (empty = this run's final image)", type="numpy",
+                                                  sources=["upload"], height=200)
+                                noise_button = gr.Button("Noise it", elem_id="noise-it")
+                            forward_status = gr.Markdown()
+                        with gr.Tab("Pipeline"):
+                            stages = gr.Markdown(elem_id="stages")
+                        with gr.Tab("Steps table"):
+                            steps_table = gr.Dataframe(headers=["step", "t", "sigma", "noise share", "evals"],
+                                                       label="Steps", interactive=False, max_height=240)
             run_id = gr.State(None)
             timer = gr.Timer(0.3, active=False)
 
@@ -305,6 +379,8 @@ def build(config: AppConfig) -> gr.Blocks:
                         c_buttons = {fmt: gr.Button(label, size="sm", elem_id=f"c-dl-{fmt}") for fmt, label in
                                      [("gif", "Grid GIF"), ("mp4", "Grid MP4"), ("png", "Final images (PNG)")]}
                     c_file = gr.File(label="File", elem_id="c-download-file")
+                    c_curves = gr.Image(label="Convergence of each sampler", format="png", interactive=False,
+                                        elem_id="c-convergence")
             c_run_id = gr.State(None)
 
         # ---- wiring -------------------------------------------------------------------------
@@ -315,6 +391,11 @@ def build(config: AppConfig) -> gr.Blocks:
         stop_button.click(None, None, None, cancels=[gen_event], api_visibility="private")
         step_slider.change(app.show_step, [run_id, step_slider, view], [image, step_label], api_name="frame",
                            show_progress="hidden", trigger_mode="always_last")
+        insight_outputs = [convergence_plot, schedule_plot, numbers, g_uncond, g_cond, g_added, g_guided, change, stages]
+        step_slider.change(app.insight, [run_id, step_slider], insight_outputs, api_name="insight",
+                           show_progress="hidden", trigger_mode="always_last")
+        noise_button.click(app.noise_image, [run_id, upload, step_slider], [image, view, forward_status],
+                           api_name="noise_image", **model_event)
         view.change(app.show_step, [run_id, step_slider, view], [image, step_label], show_progress="hidden",
                     api_visibility="private")
         play.click(lambda: gr.Timer(active=True), None, timer, api_visibility="private")
@@ -325,7 +406,7 @@ def build(config: AppConfig) -> gr.Blocks:
             button.click(lambda rid, v, fmt=fmt: app.download(rid, fmt, v), [run_id, view], file_out,
                          api_name=f"download_{fmt}")
         c_button.click(app.compare, [c_prompt, c_negative, c_seed, c_steps, c_guidance, c_samplers, c_width,
-                                     c_height, c_model], [c_image, c_slider, c_run_id, c_status],
+                                     c_height, c_model], [c_image, c_slider, c_run_id, c_status, c_curves],
                        api_name="compare", **model_event)
         c_slider.change(app.show_grid, [c_run_id, c_slider, c_view], c_image, api_name="grid_frame",
                         show_progress="hidden", trigger_mode="always_last")

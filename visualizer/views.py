@@ -17,6 +17,7 @@ VIEWS = {  # UI label -> key
     "both side by side": "both",
     "latent channels": "latents",
     "noise prediction": "noise",
+    "forward noising q(x_t | x_0) of an image": "forward",
 }
 
 
@@ -34,6 +35,10 @@ def frame(run, index: int, view: str = "xt") -> np.ndarray:
     """The image of step `index` (0-based) of `run` in `view` (a VIEWS value), upscaled for display."""
     if view in ("xt", "x0", "both"):
         return np.asarray(upscale(view_frames(run, view)[index], MIN_SIZE))
+    if view == "forward":
+        if "forward" not in run.frames:
+            raise ValueError("No forward-noised image yet: open the Forward noising tab and press Noise it.")
+        return np.asarray(upscale(run.frames["forward"][index], MIN_SIZE))
     if view == "latents":
         image = _tiles(run.tensors["xt"][index])
     elif view == "noise":

@@ -1,0 +1,221 @@
+"""Insight into a run: convergence metrics, the noise schedule, the guidance breakdown, the change heatmap
+and the pipeline's stages. Plain numpy / torch / matplotlib (no gradio): the app and the CLI share it.
+"""
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .decode import vae_decode
+from .denoise import predictions
+
+STRUCTURE_SSIM = 0.5  # the rule: structure has appeared at the first step whose x0-hat has SSIM >= 0.5 to the final image
+
+
+def ssim(a: np.ndarray, b: np.ndarray, window: int = 7) -> float:
+    """Mean structural similarity of two uint8 RGB images (grey, box window), in [-1, 1]."""
+    x, y = (np.asarray(i, np.float64).mean(axis=2) / 255 for i in (a, b))
+
+    def box(z):
+        c = np.pad(z, ((1, 0), (1, 0))).cumsum(0).cumsum(1)
+        w = window
+        return (c[w:, w:] - c[:-w, w:] - c[w:, :-w] + c[:-w, :-w]) / (w * w)
+
+    mx, my = box(x), box(y)
+    vx, vy, cxy = box(x * x) - mx ** 2, box(y * y) - my ** 2, box(x * y) - mx * my
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    return float((((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))).mean())
+
+
+def rmse(a: np.ndarray, b: np.ndarray) -> float:
+    """Root mean square difference of two uint8 images, in [0, 1]."""
+    return float(np.sqrt((((a.astype(np.float64) - b.astype(np.float64)) / 255) ** 2).mean()))
+
+
+def step_metrics(run) -> list[dict]:
+    """Per step: how far x0-hat and x_t are from the final image (SSIM, RMSE in [0, 1]; latent distance
+    relative to the final latents) and how much x0-hat changed since the previous step."""
+    final = run.frames["xt"][-1]
+    final_latents = run.tensors["latents"][-1]
+    norm = float(final_latents.norm()) or 1.0
+    out = []
+    for i in range(len(run)):
+        x0 = run.frames["x0"][i]
+        out.append({
+            "step": i + 1,
+            "ssim_x0_to_final": round(ssim(x0, final), 4),
+            "rmse_x0_to_final": round(rmse(x0, final), 4),
+            "rmse_xt_to_final": round(rmse(run.frames["xt"][i], final), 4),
+            "latent_distance_x0_to_final": round(float((run.tensors["x0"][i] - final_latents).norm()) / norm, 4),
+            "change_from_previous": round(rmse(x0, run.frames["x0"][i - 1]), 4) if i else None,
+        })
+    return out
+
+
+def structure_step(metrics: list[dict]) -> int | None:
+    """The first step (1-based) whose x0-hat has SSIM >= STRUCTURE_SSIM to the final image."""
+    return next((m["step"] for m in metrics if m["ssim_x0_to_final"] >= STRUCTURE_SSIM), None)
+
+
+def figure_png(fig) -> np.ndarray:
+    """A matplotlib figure as a uint8 RGB array (the figure is closed)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return np.asarray(Image.open(buffer).convert("RGB"))
+
+
+def convergence_plot(runs, current: int | None = None, labels: list[str] | None = None):
+    """A matplotlib figure: 1 - SSIM(x0-hat, final) and latent distance per step, progress on x, one line
+    per run; the structure step is marked, and the `current` step (1-based, first run) highlighted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.0))
+    for k, run in enumerate(runs):
+        metrics = run.info.get("metrics") or step_metrics(run)
+        n = len(metrics)
+        x = [m["step"] / n * 100 for m in metrics]
+        label = labels[k] if labels else run.settings.sampler
+        line, = ax.plot(x, [1 - m["ssim_x0_to_final"] for m in metrics], marker=".", label=f"{label}: 1 - SSIM")
+        if len(runs) == 1:
+            ax.plot(x, [m["latent_distance_x0_to_final"] for m in metrics], ls="--", color="gray",
+                    label="latent distance")
+        found = structure_step(metrics)
+        if found:
+            ax.axvline(found / n * 100, color=line.get_color(), ls=":", lw=1)
+            ax.annotate(f"structure at step {found}", (found / n * 100, 0.9 - 0.1 * k), fontsize=8,
+                        color=line.get_color(), xytext=(3, 0), textcoords="offset points")
+        if current and k == 0:
+            m = metrics[current - 1]
+            ax.plot([current / n * 100], [1 - m["ssim_x0_to_final"]], "o", ms=10, mfc="none", color="crimson")
+    ax.set_xlabel("progress through the schedule (%)")
+    ax.set_ylabel("distance to the final image")
+    ax.set_ylim(0, max(1.0, ax.get_ylim()[1]))
+    ax.set_title(f"x0-hat vs the final image (dotted: first step with SSIM >= {STRUCTURE_SSIM})", fontsize=9)
+    ax.legend(fontsize=7, loc="upper right")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def schedule_plot(run, current: int | None = None):
+    """sigma (log scale) and noise share per step, the current step marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [s.index for s in run.steps]
+    fig, ax = plt.subplots(figsize=(6.4, 2.6))
+    ax.semilogy(steps, [max(s.sigma, 1e-4) for s in run.steps], marker=".", label="sigma")
+    ax.set_xlabel("step")
+    ax.set_ylabel("sigma (log)")
+    twin = ax.twinx()
+    twin.plot(steps, [s.noise_share for s in run.steps], color="orange", label="noise share")
+    twin.set_ylabel("noise share")
+    twin.set_ylim(0, 1.05)
+    if current:
+        ax.axvline(current, color="crimson", lw=1.5)
+    ax.set_title(f"{run.settings.sampler}: noise level per step", fontsize=9)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def step_numbers(run, index: int) -> str:
+    """Markdown with the numbers of step `index` (0-based)."""
+    s = run.steps[index]
+    snr = math.inf if s.sigma == 0 else 1 / s.sigma ** 2
+    return (f"| step | t | sigma | SNR | noise share | guidance | evaluations |\n|---|---|---|---|---|---|---|\n"
+            f"| {s.index} / {len(run)} | {s.timestep:.1f} | {s.sigma:.4f} | {snr:.4g} | {s.noise_share:.1%} | "
+            f"{run.settings.guidance_scale:g} | {s.evaluations} |")
+
+
+def heat(values: np.ndarray, scale: float | None = None) -> np.ndarray:
+    """A 2-D array -> uint8 RGB heatmap (black -> red -> yellow -> white)."""
+    v = values / (scale or values.max() or 1.0)
+    v = np.clip(v, 0, 1)
+    return (np.stack([np.clip(3 * v, 0, 1), np.clip(3 * v - 1, 0, 1), np.clip(3 * v - 2, 0, 1)], -1) * 255).astype(np.uint8)
+
+
+def change_heatmap(run, index: int) -> np.ndarray:
+    """|x0-hat(step) - x0-hat(previous step)| per pixel as a heatmap (zeros at the first step)."""
+    current = run.frames["x0"][index].astype(np.float32)
+    previous = run.frames["x0"][index - 1].astype(np.float32) if index else current
+    return heat(np.abs(current - previous).mean(axis=2), scale=255 * 0.25)
+
+
+def guidance_breakdown(run, index: int, vae) -> dict[str, np.ndarray] | None:
+    """What the model predicts at step `index` without the prompt, with it, and what guidance adds.
+
+    Returns uint8 images: 'uncond' and 'cond' are the decoded x0-hat each branch implies, 'guided' the
+    decoded x0-hat of guided = uncond + scale * (cond - uncond), 'added' a heatmap of |scale * (cond - uncond)|
+    in latent space. None when the run used no classifier-free guidance.
+    """
+    t = run.tensors
+    if "eps_cond" not in t:
+        return None
+    sigma = torch.tensor(run.steps[index].sigma)
+    kind = run.info.get("prediction_type", "epsilon")
+    x_in = t["x_in"][index:index + 1]
+    x0_uncond, _ = predictions(x_in, t["eps_uncond"][index:index + 1], sigma, kind)
+    x0_cond, _ = predictions(x_in, t["eps_cond"][index:index + 1], sigma, kind)
+    decoded = vae_decode(vae, torch.cat([x0_uncond, x0_cond, t["x0"][index:index + 1]]))
+    added = (run.settings.guidance_scale * (t["eps_cond"][index] - t["eps_uncond"][index])).norm(dim=0).numpy()
+    size = decoded.shape[1]
+    added_image = np.asarray(Image.fromarray(heat(added)).resize((size, size), Image.Resampling.NEAREST))
+    return {"uncond": decoded[0], "cond": decoded[1], "guided": decoded[2], "added": added_image}
+
+
+def pipeline_stages(run) -> str:
+    """Markdown: the run's real path, stage by stage, with shapes and counts."""
+    i = run.info
+    tokens = i.get("token_strings", [])
+    shown = " ".join(t.replace("</w>", "") for t in tokens[:40])
+    truncated = (f" — **truncated**, ignored: “{i['dropped_text']}”" if i.get("truncated") else "")
+    config = i.get("scheduler_config", {})
+    keys = ("timestep_spacing", "prediction_type", "use_karras_sigmas", "algorithm_type", "beta_schedule")
+    settings = ", ".join(f"{k}={config[k]}" for k in keys if k in config)
+    h, w = i.get("image_size", ["?", "?"])
+    return "\n".join([
+        f"1. **Tokenizer**: {i.get('tokens', '?')} tokens of at most {i.get('token_limit', '?')}{truncated}: `{shown}`",
+        f"2. **Text encoder**: embedding of shape {i.get('text_embedding_shape')} "
+        f"({'with an unconditional twin for CFG' if 'eps_cond' in run.tensors else 'no CFG'})",
+        f"3. **Initial noise**: shape {i.get('latent_shape')}, seed {run.settings.seed}, "
+        f"scaled by init_noise_sigma = {i.get('init_noise_sigma', 1):.3f}",
+        f"4. **UNet**: {i.get('unet_evaluations')} evaluations for {len(run)} steps, "
+        f"batch of {2 if 'eps_cond' in run.tensors else 1} per evaluation"
+        f"{', in lockstep with other samplers' if i.get('lockstep_batch', 1) > 1 else ''}",
+        f"5. **Scheduler**: {i.get('scheduler')} ({settings})",
+        f"6. **VAE**: latents / {i.get('vae_scaling_factor', 0):.4f}, upsampled x{i.get('vae_scale_factor')} "
+        f"to a {w}x{h} image",
+    ])
+
+
+def attach_metrics(run) -> None:
+    """Store per-step metrics and the structure step in `run.info` (so they land in run.json)."""
+    if len(run) and {"xt", "x0"} <= set(run.frames):
+        run.info["metrics"] = step_metrics(run)
+        run.info["structure_step"] = structure_step(run.info["metrics"])
+        run.info["structure_rule"] = f"first step whose x0-hat has SSIM >= {STRUCTURE_SSIM} to the final image"
+
+
+@torch.inference_mode()
+def forward_noising(run, image: np.ndarray, vae, seed: int = 0) -> list[np.ndarray]:
+    """q(x_t | x_0) at the run's own noise levels: `image` (uint8 RGB) is VAE-encoded, noised to every step's
+    sigma with one fixed noise draw, and decoded; returns one uint8 frame per step, at the run's size."""
+    h, w = run.info.get("image_size", image.shape[:2])
+    pixels = np.asarray(Image.fromarray(image).convert("RGB").resize((w, h), Image.Resampling.BICUBIC))
+    device = next(vae.parameters()).device
+    x = torch.from_numpy(pixels).permute(2, 0, 1)[None].float().div(127.5).sub(1).to(device)
+    latents = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed)).to(device)
+    noised = [(latents + s.sigma * noise) / math.sqrt(1 + s.sigma ** 2) for s in run.steps]
+    return list(vae_decode(vae, torch.cat(noised)))
