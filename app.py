@@ -26,7 +26,9 @@ def main(argv=None) -> None:
                         help="let visitors load any local folder or hub id (always on for a loopback host)")
     parser.add_argument("--output-dir", type=Path, default=Path("outputs"), help="where exports are written and served from")
     parser.add_argument("--max-queue", type=int, default=16, help="queued runs beyond this are refused as busy")
-    parser.add_argument("--keep-runs", type=int, default=32, help="finished runs kept in memory for the slider")
+    parser.add_argument("--keep-runs", type=int, default=64, help="finished runs kept in memory for the slider")
+    parser.add_argument("--frame-cache-mb", type=int, default=512,
+                        help="decoded frames kept in memory; older runs are re-decoded from their latents")
     parser.add_argument("--cache-ttl", type=int, default=3600, help="seconds served files are kept before deletion")
     args = parser.parse_args(argv)
 
@@ -37,6 +39,7 @@ def main(argv=None) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     demo = build(AppConfig(output_dir=output_dir, default_model=args.model,
                            allow_any_model=args.allow_any_model or not public, run_capacity=args.keep_runs,
+                           frame_budget_mb=args.frame_cache_mb,
                            cache_ttl=args.cache_ttl))
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
     if args.auth and len(auth) != 2:

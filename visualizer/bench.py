@@ -126,15 +126,16 @@ def measure_export(frames: int = 50, size: int = 512) -> dict:
     return {"gif_50x512_s": gif, "mp4_50x512_s": mp4}
 
 
-def main(quick: bool = False, repeats: int = 3, out: Path = Path("bench.json")) -> dict:
+def main(quick: bool = False, repeats: int = 3, out: Path = Path("bench.json"), sd15_size: int = 256,
+         sd15_steps: int = 10) -> dict:
     report = {"machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
                          f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}",
               "torch": torch.__version__, "models": {}}
     report["models"]["embedded (64x64, 25 steps)"] = measure_model("embedded", None, 25, repeats)
     if not quick:
         folder = sd15_random(Path(tempfile.gettempdir()) / "visualizer-sd15-random")
-        report["models"]["SD 1.5 architecture, random weights (256x256, 10 steps)"] = measure_model(
-            str(folder), 256, 10, max(1, repeats - 2))
+        name = f"SD 1.5 architecture, random weights ({sd15_size}x{sd15_size}, {sd15_steps} steps)"
+        report["models"][name] = measure_model(str(folder), sd15_size, sd15_steps, max(1, repeats - 2))
     report["export"] = measure_export()
     out.write_text(json.dumps(report, indent=2))
     print(format_table(report))

@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="time capture and decoding against plain diffusers")
     p.add_argument("--quick", action="store_true", help="embedded model only (under a minute)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--sd15-size", type=int, default=256, help="image size of the SD 1.5-architecture rows (512 on a GPU)")
+    p.add_argument("--sd15-steps", type=int, default=10, help="steps of the SD 1.5-architecture rows (25 on a GPU)")
     p.add_argument("--out", type=Path, default=Path("bench.json"))
     return parser
 
@@ -170,7 +172,8 @@ def cmd_export(args) -> None:
 def cmd_bench(args) -> None:
     from .bench import main as bench_main
 
-    bench_main(quick=args.quick, repeats=args.repeats, out=args.out)
+    bench_main(quick=args.quick, repeats=args.repeats, out=args.out, sd15_size=args.sd15_size,
+               sd15_steps=args.sd15_steps)
 
 
 def _warn_truncation(run) -> None:

@@ -1,4 +1,8 @@
-"""Finished runs kept in memory for the slider, by id; least recently used dropped beyond a capacity."""
+"""Finished runs kept in memory for the slider, by id.
+
+Two bounds, both least-recently-used: at most `capacity` runs (their latents are small), and at most
+`frame_budget` bytes of decoded frames; a run whose frames were dropped is re-decoded on its next use.
+"""
 from __future__ import annotations
 
 import shutil
@@ -19,8 +23,8 @@ class RunStore:
     Each id owns a folder under `output_dir` for its exports; the folder goes with the evicted run.
     """
 
-    def __init__(self, output_dir: Path, capacity: int = 32):
-        self.output_dir, self.capacity = Path(output_dir), capacity
+    def __init__(self, output_dir: Path, capacity: int = 32, frame_budget: int = 512 * 2**20):
+        self.output_dir, self.capacity, self.frame_budget = Path(output_dir), capacity, frame_budget
         self._runs: OrderedDict[str, list] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -31,14 +35,35 @@ class RunStore:
             while len(self._runs) > self.capacity:
                 old, _ = self._runs.popitem(last=False)
                 shutil.rmtree(self.output_dir / old, ignore_errors=True)
+            self._drop_frames_over_budget()
         return run_id
 
-    def get(self, run_id: str | None) -> list:
+    def frame_bytes(self) -> int:
+        return sum(frame.nbytes for runs in self._runs.values() for run in runs
+                   for frames in run.frames.values() for frame in frames)
+
+    def _drop_frames_over_budget(self) -> None:
+        """Forget decoded frames of the least recently used runs (never the newest) until under budget."""
+        total = self.frame_bytes()
+        for runs in list(self._runs.values())[:-1]:
+            if total <= self.frame_budget:
+                return
+            for run in runs:
+                total -= sum(f.nbytes for frames in run.frames.values() for f in frames)
+                run.frames = {}
+
+    def get(self, run_id: str | None, redecode=None) -> list:
+        """The runs of `run_id`, most recently used now; `redecode(run)` restores dropped frames."""
         with self._lock:
             if not run_id or run_id not in self._runs:
                 raise RunExpired(run_id)
             self._runs.move_to_end(run_id)
-            return self._runs[run_id]
+            runs = self._runs[run_id]
+            if redecode is not None and any("xt" not in r.frames for r in runs):
+                for run in runs:
+                    redecode(run)
+                self._drop_frames_over_budget()
+            return runs
 
     def folder(self, run_id: str) -> Path:
         """The export folder of a stored run (created on demand)."""

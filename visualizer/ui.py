@@ -15,7 +15,7 @@ import gradio as gr
 import numpy as np
 
 from . import api, insight, views
-from .decode import StreamingDecoder, latent_preview, latent_rgb_factors
+from .decode import StreamingDecoder, decode_run, latent_preview, latent_rgb_factors
 from .demo_model import scenes
 from .denoise import NonFiniteError
 from .export import export_grid, export_run, upscale
@@ -53,7 +53,8 @@ class AppConfig:
     output_dir: Path  # the only folder the app writes exports to and serves files from
     default_model: str = EMBEDDED
     allow_any_model: bool = True  # local folders and hub ids typed in the UI
-    run_capacity: int = 32  # finished runs kept for the slider
+    run_capacity: int = 64  # finished runs kept for the slider (latents; small)
+    frame_budget_mb: int = 512  # decoded frames kept in memory; older runs are re-decoded when revisited
     cache_ttl: int = 3600  # seconds Gradio keeps the files it serves (previews, frames) before deleting them
 
 
@@ -85,7 +86,7 @@ def _size(value) -> int | None:
 class App:
     def __init__(self, config: AppConfig):
         self.config = config
-        self.store = RunStore(config.output_dir, config.run_capacity)
+        self.store = RunStore(config.output_dir, config.run_capacity, config.frame_budget_mb * 2**20)
 
     # ---- handlers -------------------------------------------------------------------------
     def generate(self, prompt, negative_prompt, seed, steps, guidance, sampler, width, height, model):
@@ -230,7 +231,7 @@ class App:
 
     def _runs(self, run_id):
         try:
-            return self.store.get(run_id)
+            return self.store.get(run_id, redecode=lambda run: decode_run(run, load_pipeline(run.settings.model).vae))
         except RunExpired as error:
             raise UserError(str(error)) from None
 
