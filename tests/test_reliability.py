@@ -209,3 +209,17 @@ def test_two_hundred_runs_keep_memory_and_files_bounded(tiny_model, tmp_path):
     assert growth < 60, f"memory grew by {growth:.0f} MiB over 180 runs"
     assert len(app.store) == 8
     assert len(list((tmp_path / "out").iterdir())) <= 8
+
+
+def test_stop_keeps_the_steps_computed_so_far(server, tiny_model):
+    client = client_for(server[0])
+    job = client.submit("a red circle", "", 4, 250, 7.5, "Euler", 0, 0, tiny_model, api_name="/generate")
+    deadline = time.time() + 30
+    while not job.outputs() and time.time() < deadline:
+        time.sleep(0.05)
+    client.predict(api_name="/stop")
+    _, slider, table, status, _ = job.result(timeout=60)
+    assert status.startswith("Stopped early") and 1 <= slider["maximum"] < 250
+    assert len(table["data"]) == slider["maximum"]
+    frame, label = client.predict(slider["maximum"], X_T, api_name="/frame")  # what was computed is there
+    assert label.startswith(f"Step {slider['maximum']} of")

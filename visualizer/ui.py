@@ -6,6 +6,7 @@ Every event that runs the model shares one concurrency id, so runs queue instead
 from __future__ import annotations
 
 import queue
+import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -87,10 +88,16 @@ class App:
     def __init__(self, config: AppConfig):
         self.config = config
         self.store = RunStore(config.output_dir, config.run_capacity, config.frame_budget_mb * 2**20)
+        self._stops: dict[str, threading.Event] = {}  # browser session -> its running generation's stop flag
 
     # ---- handlers -------------------------------------------------------------------------
-    def generate(self, prompt, negative_prompt, seed, steps, guidance, sampler, width, height, model):
-        """Stream (preview, status) while the run goes; end with the decoded run on the slider."""
+    def generate(self, prompt, negative_prompt, seed, steps, guidance, sampler, width, height, model,
+                 request: gr.Request = None):
+        """Stream (preview, status) while the run goes; end with the decoded run on the slider.
+
+        **Stop** (see `stop`) ends the loop early and the steps computed so far are shown; a closed tab
+        closes this generator, whose `finally` halts the loop within one step.
+        """
         model = _check_model(model, self.config)
         try:
             pipe = load_pipeline(model)
@@ -100,6 +107,9 @@ class App:
         factors = latent_rgb_factors(pipe.config.get("_name_or_path"))
         events: queue.Queue = queue.Queue()
         stop = threading.Event()
+        session = getattr(request, "session_hash", None)
+        if session:
+            self._stops[session] = stop
         result: dict = {}
 
         def work():
@@ -127,12 +137,16 @@ class App:
                     last_sent = now
                     image, status_line = _live_preview(decoder, event, factors)
                     yield image, gr.update(), gr.update(), gr.update(), status_line, notice
-        finally:  # a Stop press or a closed tab lands here: halt the loop within one step
+        finally:  # a closed tab lands here: halt the loop within one step
             stop.set()
             thread.join()
+            if session and self._stops.get(session) is stop:
+                del self._stops[session]
         if "error" in result:
             raise _user_error(result["error"])
         run = result["run"]
+        if not len(run):
+            raise UserError("Stopped before the first step finished: nothing to show.")
         run_id = self.store.add([run])
         last = len(run) - 1
         status = ("Stopped early: " if run.info.get("stopped") else "Done: ") + \
@@ -143,6 +157,12 @@ class App:
         yield (views.frame(run, last, "xt"), gr.update(minimum=1, maximum=max(1, len(run)), value=len(run), step=1,
                                                        interactive=True),
                run_id, _steps_table(run), status + " Drag the slider to revisit any step.", notice)
+
+    def stop(self, request: gr.Request = None):
+        """Ask this browser session's running generation to stop after the current step."""
+        flag = self._stops.get(getattr(request, "session_hash", None))
+        if flag is not None:
+            flag.set()
 
     def show_step(self, run_id, step, view_label):
         """Slider / view change: the stored frame, no recomputation."""
@@ -216,7 +236,6 @@ class App:
         try:
             if fmt == "run":
                 runs[0].save(folder / "run")
-                import shutil
                 return shutil.make_archive(str(folder / "run"), "zip", folder / "run")
             return str(export_run(runs[0], folder, [fmt], view=view)[fmt])
         except OSError as error:
@@ -386,10 +405,10 @@ def build(config: AppConfig) -> gr.Blocks:
 
         # ---- wiring -------------------------------------------------------------------------
         model_event = dict(concurrency_id=MODEL_CONCURRENCY, concurrency_limit=1)
-        gen_event = run_button.click(
+        run_button.click(
             app.generate, [prompt, negative, seed, steps, guidance, sampler, width, height, model],
             [image, step_slider, run_id, steps_table, status, notice], api_name="generate", **model_event)
-        stop_button.click(None, None, None, cancels=[gen_event], api_visibility="private")
+        stop_button.click(app.stop, None, None, queue=False, api_name="stop")
         step_slider.change(app.show_step, [run_id, step_slider, view], [image, step_label], api_name="frame",
                            show_progress="hidden", trigger_mode="always_last")
         insight_outputs = [convergence_plot, schedule_plot, numbers, g_uncond, g_cond, g_added, g_guided, change, stages]
