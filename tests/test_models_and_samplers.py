@@ -64,3 +64,19 @@ def test_unreachable_hub_gives_one_clear_message():
         load_pipeline("nobody-here/no-such-model")
     message = str(error.value)
     assert "nobody-here/no-such-model" in message and "local folder" in message and "\n" not in message
+
+
+def test_taesd_loads_from_a_local_folder_and_decodes(tmp_path, monkeypatch, tiny_pipe):
+    import torch
+    from diffusers import AutoencoderTiny
+
+    from visualizer.decode import load_taesd, taesd_decode
+
+    monkeypatch.setenv("VISUALIZER_TAESD", str(tmp_path / "missing"))
+    assert load_taesd(torch.device("cpu")) is None  # absent weights: no preview decoder, no error
+    AutoencoderTiny(encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8)
+                    ).save_pretrained(tmp_path / "taesd")
+    monkeypatch.setenv("VISUALIZER_TAESD", str(tmp_path / "taesd"))
+    taesd = load_taesd(torch.device("cpu"))
+    frames = taesd_decode(taesd, torch.randn(2, 4, 8, 8), scaling_factor=0.18215)
+    assert frames.shape == (2, 64, 64, 3) and frames.dtype.name == "uint8"

@@ -16,7 +16,8 @@ import gradio as gr
 import numpy as np
 
 from . import api, insight, views
-from .decode import StreamingDecoder, decode_run, latent_preview, latent_rgb_factors
+from .decode import (StreamingDecoder, decode_run, latent_preview, latent_rgb_factors, load_taesd,
+                     taesd_decode)
 from .demo_model import scenes
 from .denoise import NonFiniteError
 from .export import export_grid, export_run, upscale
@@ -27,7 +28,7 @@ from .store import RunExpired, RunStore
 MODEL_CONCURRENCY = "model"
 PREVIEW_INTERVAL = 0.25  # seconds between live preview frames sent to the browser
 EXAMPLES = ["a large red circle in the centre", "a small blue square on the left of a white background",
-            "a yellow triangle at the top", "a large purple diamond on the right of a black background"]
+            "a yellow triangle on the top", "a large purple diamond on the right of a black background"]
 PROSE = {
     "generate": "Type a prompt and press **Generate**. The model starts from pure noise and removes a little of it "
                 "at every step; frames stream in while it works. **Stop** keeps what was computed.",
@@ -104,7 +105,7 @@ class App:
         except ModelLoadError as error:
             raise UserError(str(error)) from None
         decoder = StreamingDecoder(pipe.vae)
-        factors = latent_rgb_factors(pipe.config.get("_name_or_path"))
+        previewer = _previewer(pipe, model)
         events: queue.Queue = queue.Queue()
         stop = threading.Event()
         session = getattr(request, "session_hash", None)
@@ -135,7 +136,7 @@ class App:
                 now = time.monotonic()
                 if now - last_sent >= PREVIEW_INTERVAL:
                     last_sent = now
-                    image, status_line = _live_preview(decoder, event, factors)
+                    image, status_line = _live_preview(decoder, event, previewer)
                     yield image, gr.update(), gr.update(), gr.update(), status_line, notice
         finally:  # a closed tab lands here: halt the loop within one step
             stop.set()
@@ -263,15 +264,33 @@ def _user_error(error: Exception) -> gr.Error:
     return UserError(f"The run failed: {type(error).__name__}: {str(error)[:200]}")
 
 
-def _live_preview(decoder, event, factors) -> tuple[np.ndarray, str]:
+def _previewer(pipe, model: str):
+    """A cheap x0-hat preview for the first steps: TAESD where its weights are on this machine (SD models),
+    else the linear latent -> RGB approximation. Returns fn(latents) -> (uint8 frame, what it is)."""
+    taesd = None if model == EMBEDDED else _taesd(pipe.unet.device)
+    if taesd is not None:
+        return lambda x0: (taesd_decode(taesd, x0, pipe.vae.config.scaling_factor)[0], "TAESD preview")
+    factors = latent_rgb_factors(pipe.config.get("_name_or_path"))
+    return lambda x0: (latent_preview(x0, *factors)[0], "approximate preview (latent colours)")
+
+
+_TAESD: dict = {}
+
+
+def _taesd(device):
+    if device not in _TAESD:
+        _TAESD[device] = load_taesd(device)
+    return _TAESD[device]
+
+
+def _live_preview(decoder, event, previewer) -> tuple[np.ndarray, str]:
     """(image, status line) during a run: the newest exact VAE frame of x0-hat, or until the first
-    batch is decoded, the cheap latent -> RGB approximation (said so)."""
+    batch is decoded, a cheap preview (labelled as such)."""
     latest = decoder.latest(0, "x0")
     total = round(event.step.index / event.step.progress)
     if latest is None:
-        image = latent_preview(event.x0, *factors)[0]
-        return (np.asarray(upscale(image)),
-                f"Step {event.step.index} of {total} · approximate preview (latent colours) of x0-hat")
+        image, what = previewer(event.x0)
+        return np.asarray(upscale(image)), f"Step {event.step.index} of {total} · {what} of x0-hat"
     index, image = latest
     return (np.asarray(upscale(image)),
             f"Step {event.step.index} of {total} · showing x0-hat of step {index} (exact VAE decode)")

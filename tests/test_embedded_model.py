@@ -1,0 +1,52 @@
+"""The model that ships in assets/: loads like any SD checkpoint, is small, and draws what it is asked."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+
+from visualizer import api
+from visualizer.demo_model import scenes
+from visualizer.models import EMBEDDED_MODEL_DIR
+
+
+def test_it_is_a_diffusers_sd_folder_under_25_mb():
+    names = {p.name for p in EMBEDDED_MODEL_DIR.iterdir()}
+    assert {"model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler"} <= names
+    size = sum(p.stat().st_size for p in EMBEDDED_MODEL_DIR.rglob("*") if p.is_file())
+    assert size <= 25 * 2**20
+    assert all(p.suffix != ".bin" for p in EMBEDDED_MODEL_DIR.rglob("*"))  # safetensors only
+
+
+def test_diffusers_loads_it_and_our_loop_matches_diffusers():
+    pipe = StableDiffusionPipeline.from_pretrained(EMBEDDED_MODEL_DIR, dtype=torch.float32, safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    prompt = "a large red circle in the centre"
+    theirs = pipe(prompt, num_inference_steps=10, generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    ours = api.run(prompt, sampler="PNDM", num_inference_steps=10, seed=0).final_image
+    assert np.abs(ours / 255 - theirs).max() <= 2 / 255
+
+
+def test_it_draws_the_prompt():
+    prompts = [("a large red circle in the centre", ("red", "circle", "centre")),
+               ("a large blue square on the left", ("blue", "square", "left")),
+               ("a large yellow triangle on the top", ("yellow", "triangle", "top"))]
+    hits = 0
+    for prompt, (color, shape, position) in prompts:
+        for seed in (0, 1):
+            image = Image.fromarray(api.run(prompt, sampler="Euler", num_inference_steps=25, seed=seed).final_image)
+            hits += all(scenes.matches(scenes.detect(image), color, shape, position).values())
+    assert hits >= 4, f"only {hits} of 6 images match their prompt"
+
+
+def test_cli_uses_it_by_default(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "visualizer", "run", "--prompt", "a small green diamond on the right",
+                             "--out", str(tmp_path), "--gif"], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    assert Image.open(tmp_path / "denoising.gif").n_frames == 25
+    assert Image.open(tmp_path / "final.png").size == (64, 64)
