@@ -50,7 +50,7 @@ def test_no_guidance_no_breakdown(tiny_model, tiny_pipe):
 
 def test_pipeline_stages_state_real_shapes(run):
     text = pipeline_stages(run)
-    assert f"[1, 16, 32]" in text and "[1, 4, 8, 8]" in text and "8 evaluations for 8 steps" in text
+    assert "[1, 16, 32]" in text and "[1, 4, 8, 8]" in text and "8 evaluations for 8 steps" in text
     assert "EulerDiscreteScheduler" in text and "32x32" in text
 
 

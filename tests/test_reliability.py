@@ -1,6 +1,4 @@
 """Many users, cancels, disconnects, bad input, bounded memory and no exposed files."""
-import json
-import os
 import shutil
 import subprocess
 import sys
@@ -158,7 +156,7 @@ def test_nan_model_output_gets_a_clear_message(tiny_model, tmp_path):
 
 
 def test_failed_export_write_is_reported(tiny_model, tmp_path):
-    from visualizer.ui import App, AppConfig, UserError
+    from visualizer.ui_handlers import App, AppConfig, UserError
 
     app = App(AppConfig(output_dir=tmp_path / "out", default_model=tiny_model))
     *_, last = app.generate("a red circle", "", 1, 3, 7.5, "Euler", 0, 0, tiny_model)
@@ -171,7 +169,7 @@ def test_failed_export_write_is_reported(tiny_model, tmp_path):
 
 def test_remote_servers_refuse_arbitrary_model_folders(tiny_model, tmp_path):
     from app import is_loopback
-    from visualizer.ui import App, AppConfig, UserError
+    from visualizer.ui_handlers import App, AppConfig, UserError
 
     assert is_loopback("127.0.0.1") and is_loopback("localhost") and not is_loopback("0.0.0.0")
     app = App(AppConfig(output_dir=tmp_path, default_model=tiny_model, allow_any_model=False))
@@ -180,7 +178,7 @@ def test_remote_servers_refuse_arbitrary_model_folders(tiny_model, tmp_path):
 
 
 def test_stop_closes_the_generator_within_a_step(tiny_model, tmp_path):
-    from visualizer.ui import App, AppConfig
+    from visualizer.ui_handlers import App, AppConfig
 
     app = App(AppConfig(output_dir=tmp_path, default_model=tiny_model))
     stream = app.generate("a red circle", "", 1, 500, 7.5, "Euler", 0, 0, tiny_model)
@@ -191,7 +189,7 @@ def test_stop_closes_the_generator_within_a_step(tiny_model, tmp_path):
 
 
 def test_two_hundred_runs_keep_memory_and_files_bounded(tiny_model, tmp_path):
-    from visualizer.ui import App, AppConfig
+    from visualizer.ui_handlers import App, AppConfig
 
     app = App(AppConfig(output_dir=tmp_path / "out", default_model=tiny_model, run_capacity=8))
     process = psutil.Process()

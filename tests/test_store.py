@@ -1,5 +1,4 @@
 """The run store: bounded runs, bounded decoded frames, re-decoding on demand."""
-import numpy as np
 import pytest
 
 from visualizer import api
