@@ -77,7 +77,7 @@ def save_mp4(images: Sequence[Image.Image], path: str | Path, fps: float = 8, ho
     width, height = width + width % 2, height + height % 2
     writer = imageio_ffmpeg.write_frames(str(path), (width, height), fps=fps, codec="libx264",
                                          pix_fmt_out="yuv420p", macro_block_size=1, quality=7,
-                                         ffmpeg_log_level="error")
+                                         ffmpeg_log_level="error", output_params=["-preset", "veryfast"])
     writer.send(None)
     hold = max(0, int(round(hold_last * fps)) - 1)
     try:

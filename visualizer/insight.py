@@ -13,7 +13,8 @@ from PIL import Image
 from .decode import vae_decode
 from .denoise import predictions
 
-STRUCTURE_SSIM = 0.5  # the rule: structure has appeared at the first step whose x0-hat has SSIM >= 0.5 to the final image
+STRUCTURE_RULE = ("first step whose x0-hat distance to the final image (1 - SSIM) has fallen to half its value "
+                  "at step 1")
 
 
 def ssim(a: np.ndarray, b: np.ndarray, window: int = 7) -> float:
@@ -57,8 +58,11 @@ def step_metrics(run) -> list[dict]:
 
 
 def structure_step(metrics: list[dict]) -> int | None:
-    """The first step (1-based) whose x0-hat has SSIM >= STRUCTURE_SSIM to the final image."""
-    return next((m["step"] for m in metrics if m["ssim_x0_to_final"] >= STRUCTURE_SSIM), None)
+    """The step (1-based) where structure appears, by STRUCTURE_RULE; None for an empty run."""
+    if not metrics:
+        return None
+    start = 1 - metrics[0]["ssim_x0_to_final"]
+    return next(m["step"] for m in metrics if 1 - m["ssim_x0_to_final"] <= start / 2)
 
 
 def figure_png(fig) -> np.ndarray:
@@ -100,7 +104,8 @@ def convergence_plot(runs, current: int | None = None, labels: list[str] | None 
     ax.set_xlabel("progress through the schedule (%)")
     ax.set_ylabel("distance to the final image")
     ax.set_ylim(0, max(1.0, ax.get_ylim()[1]))
-    ax.set_title(f"x0-hat vs the final image (dotted: first step with SSIM >= {STRUCTURE_SSIM})", fontsize=9)
+    ax.set_title("x0-hat vs the final image (dotted: structure appears, 1 - SSIM at half its first value)",
+                 fontsize=9)
     ax.legend(fontsize=7, loc="upper right")
     ax.grid(alpha=0.3)
     return fig
@@ -204,7 +209,7 @@ def attach_metrics(run) -> None:
     if len(run) and {"xt", "x0"} <= set(run.frames):
         run.info["metrics"] = step_metrics(run)
         run.info["structure_step"] = structure_step(run.info["metrics"])
-        run.info["structure_rule"] = f"first step whose x0-hat has SSIM >= {STRUCTURE_SSIM} to the final image"
+        run.info["structure_rule"] = STRUCTURE_RULE
 
 
 @torch.inference_mode()

@@ -23,8 +23,8 @@ PROSE = {
               "step, decoded by the VAE. **x0-hat** is the model's guess of the finished image at that step. "
               "Heun and DPM2 spend two model evaluations per step.",
     "convergence": "How far the model's guess (x0-hat) is from the final image at each step: 1 - SSIM (structure) "
-                   "and the distance of the latents. The dotted line marks the first step whose guess shares "
-                   "half its structure with the final image (SSIM >= 0.5); the red ring is the slider's step.",
+                   "and the distance of the latents. The dotted line marks where structure appears: the first "
+                   "step whose distance (1 - SSIM) has halved from step 1; the red ring is the slider's step.",
     "guidance": "Classifier-free guidance runs the model twice per step, without and with the prompt, and "
                 "combines them: guided = uncond + scale × (cond − uncond). The images are the final image each "
                 "branch predicts at this step; the heatmap is where guidance pushes hardest.",
