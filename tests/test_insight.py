@@ -31,6 +31,7 @@ def test_structure_step_rule():
     curve = [{"step": i + 1, "ssim_x0_to_final": s} for i, s in enumerate([0.2, 0.5, 0.55, 0.61, 0.9, 1.0])]
     assert structure_step(curve) == 4  # 1 - SSIM: 0.8 at step 1; first at or below 0.4 is step 4 (0.39)
     assert structure_step([]) is None
+    assert structure_step([{"step": 1, "ssim_x0_to_final": 0.2}, {"step": 2, "ssim_x0_to_final": 0.3}]) is None
 
 
 def test_change_heatmap_is_black_at_the_first_step(run):

@@ -58,11 +58,12 @@ def step_metrics(run) -> list[dict]:
 
 
 def structure_step(metrics: list[dict]) -> int | None:
-    """The step (1-based) where structure appears, by STRUCTURE_RULE; None for an empty run."""
+    """The step (1-based) where structure appears, by STRUCTURE_RULE; None if it never does (an empty or
+    stopped run)."""
     if not metrics:
         return None
     start = 1 - metrics[0]["ssim_x0_to_final"]
-    return next(m["step"] for m in metrics if 1 - m["ssim_x0_to_final"] <= start / 2)
+    return next((m["step"] for m in metrics if 1 - m["ssim_x0_to_final"] <= start / 2), None)
 
 
 def figure_png(fig) -> np.ndarray:
@@ -219,7 +220,7 @@ def forward_noising(run, image: np.ndarray, vae, seed: int = 0) -> list[np.ndarr
     h, w = run.info.get("image_size", image.shape[:2])
     pixels = np.asarray(Image.fromarray(image).convert("RGB").resize((w, h), Image.Resampling.BICUBIC))
     device = next(vae.parameters()).device
-    x = torch.from_numpy(pixels).permute(2, 0, 1)[None].float().div(127.5).sub(1).to(device)
+    x = torch.from_numpy(pixels.copy()).permute(2, 0, 1)[None].float().div(127.5).sub(1).to(device)
     latents = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed)).to(device)
     noised = [(latents + s.sigma * noise) / math.sqrt(1 + s.sigma ** 2) for s in run.steps]
