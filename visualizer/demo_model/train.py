@@ -32,7 +32,7 @@ class TrainConfig:
     vae_batch: int = 16
     vae_lr: float = 1e-3
     shape_weight: float = 20.0  # reconstruction loss weight on pixels that differ from the background
-    unet_steps: int = 6000
+    unet_steps: int = 3000
     unet_batch: int = 64
     unet_lr: float = 5e-4
     text_lr: float = 1e-3
