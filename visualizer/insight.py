@@ -105,7 +105,7 @@ def convergence_plot(runs, current: int | None = None, labels: list[str] | None 
     ax.set_xlabel("progress through the schedule (%)")
     ax.set_ylabel("distance to the final image")
     ax.set_ylim(0, max(1.0, ax.get_ylim()[1]))
-    ax.set_title("x0-hat vs the final image (dotted: structure appears, 1 - SSIM at half its first value)",
+    ax.set_title("x0-hat vs the final image (dotted: where structure appears)",
                  fontsize=9)
     ax.legend(fontsize=7, loc="upper right")
     ax.grid(alpha=0.3)
