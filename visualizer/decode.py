@@ -68,12 +68,14 @@ def fit_latent_rgb(latents: torch.Tensor, images: torch.Tensor) -> dict:
 
 
 def load_taesd(device: torch.device):
-    """AutoencoderTiny from $VISUALIZER_TAESD or the local Hub cache ("madebyollin/taesd"); None if absent."""
+    """AutoencoderTiny from $VISUALIZER_TAESD (a folder or hub id; default "madebyollin/taesd"): from the local
+    Hub cache, or downloaded once when the Hub is reachable and HF_HUB_OFFLINE is not set; None if absent."""
     from diffusers import AutoencoderTiny
 
     source = os.environ.get("VISUALIZER_TAESD", "madebyollin/taesd")
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
     try:
-        return AutoencoderTiny.from_pretrained(source, local_files_only=True).to(device).eval()
+        return AutoencoderTiny.from_pretrained(source, local_files_only=offline).to(device).eval()
     except Exception:  # absent weights are the normal case offline
         return None
 

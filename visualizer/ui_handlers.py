@@ -70,7 +70,7 @@ class App:
 
     # ---- handlers -------------------------------------------------------------------------
     def generate(self, prompt, negative_prompt, seed, steps, guidance, sampler, width, height, model,
-                 request: gr.Request = None):
+                 request: gr.Request = None, progress=gr.Progress()):
         """Stream (preview, status) while the run goes; end with the decoded run on the slider.
 
         **Stop** (see `stop`) ends the loop early and the steps computed so far are shown; a closed tab
@@ -110,6 +110,7 @@ class App:
                 event = events.get()
                 if event is None:
                     break
+                progress((event.step.index, steps), desc="Denoising", unit="steps")
                 now = time.monotonic()
                 if now - last_sent >= PREVIEW_INTERVAL:
                     last_sent = now
