@@ -133,13 +133,10 @@ class _SamplerLoop:
 
     def _finish_step(self) -> Step:
         pending, self.pending = self.pending, None
-        if self.done:
-            scale = torch.ones((), device=self.latents.device)
-        elif self.sigma_space:
+        scale = torch.ones((), device=self.latents.device)  # alpha-space latents, and sigma 0 at the end
+        if self.sigma_space and not self.done:
             scale = self.scheduler.scale_model_input(torch.ones(1, device=self.latents.device),
                                                      self.scheduler.timesteps[self.position])[0]
-        else:
-            scale = torch.ones((), device=self.latents.device)
         record = {"latents": self.latents, "xt": self.latents * scale, "x0": pending.x0, "eps": pending.eps,
                   "x_in": pending.x_in, "sigma": pending.sigma.reshape(1)}
         if pending.eps_cond is not None:
