@@ -146,3 +146,18 @@ def test_forward_noising_follows_the_slider(client, tiny_model):
     noisy, _ = client.predict(1, forward, api_name="/frame")
     clean, _ = client.predict(6, forward, api_name="/frame")
     assert Image.open(noisy).tobytes() != Image.open(clean).tobytes()
+
+
+def test_img2img_from_an_uploaded_image(client, tiny_model, tmp_path):
+    from gradio_client import handle_file
+
+    path = tmp_path / "init.png"
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(path)
+    image, slider, table, status, _ = generate(client, tiny_model, steps=10, init_image=handle_file(str(path)),
+                                               strength=0.5)
+    assert slider["maximum"] == 5 and len(table["data"]) == 5
+    assert "from the init image (strength 0.5: steps 6–10 of the schedule)" in status
+    stages = client.predict(1, api_name="/insight")[-1]
+    assert "Init image (img2img)" in stages and "the first 5 steps are skipped" in stages
+    full = generate(client, tiny_model, steps=10)  # no image: strength is ignored, all 10 steps run
+    assert full[1]["maximum"] == 10

@@ -107,3 +107,21 @@ def test_layout_reads_on_a_narrow_screen(server, browser):
     assert overflow <= 2, f"page scrolls sideways by {overflow}px on a phone"
     shot(page, "mobile-390")
     page.close()
+
+
+def test_img2img_from_an_upload(server, browser, tmp_path):
+    Image.new("RGB", (32, 32), (220, 200, 40)).save(tmp_path / "init.png")
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(server)
+    page.get_by_text("Start from an image (img2img)").click()
+    page.locator("#init-image input[type=file]").set_input_files(str(tmp_path / "init.png"))
+    page.locator("#init-image img").first.wait_for()
+    set_slider(page, "strength", 0.4)
+    page.locator("#prompt textarea").fill("a red circle on the left")
+    page.locator("#generate").click()
+    page.wait_for_function("document.querySelector('#status')?.innerText.includes('Done')", timeout=60000)
+    status = page.locator("#status").inner_text()
+    assert "10 steps from the init image (strength 0.4: steps 16–25 of the schedule)" in status
+    assert page.locator("#step input[type=number]").input_value() == "10"
+    shot(page, "img2img-1280")
+    page.close()

@@ -38,6 +38,18 @@ def test_compare_and_reexport(tiny_model, tmp_path):
     assert Image.open(out / "euler" / "denoising.gif").n_frames == 4
 
 
+def test_run_img2img_from_an_image_file(tiny_model, tmp_path):
+    Image.new("RGB", (48, 40), (30, 90, 200)).save(tmp_path / "init.png")  # resized and cropped to 32x32
+    out = tmp_path / "img2img"
+    result = cli("run", "--prompt", "a red circle", "--model", tiny_model, "--steps", "10", "--init-image",
+                 str(tmp_path / "init.png"), "--strength", "0.3", "--out", str(out), "--gif")
+    assert result.returncode == 0, result.stderr
+    doc = json.loads((out / "run.json").read_text())
+    assert len(doc["steps"]) == 3 and doc["settings"]["strength"] == 0.3
+    assert doc["info"]["img2img"]["skipped_steps"] == 7 and doc["steps"][-1]["progress"] == 1.0
+    assert Image.open(out / "denoising.gif").n_frames == 3
+
+
 def test_samplers_lists_the_registry():
     result = cli("samplers")
     assert result.returncode == 0 and "DPM++ 2M Karras" in result.stdout and "Heun" in result.stdout
@@ -51,6 +63,9 @@ def test_samplers_lists_the_registry():
     (["--width", "100"], "multiple of 8"),
     (["--sampler", "Nope"], "Valid samplers"),
     (["--model", "/no/such/dir"], "neither a folder"),
+    (["--strength", "0.5"], "give an --init-image too"),
+    (["--init-image", "/no/such.png"], "Could not read the init image"),
+    (["--init-image", __file__], "Could not read the init image"),
 ])
 def test_bad_arguments_exit_nonzero_with_one_line(tiny_model, tmp_path, args, words):
     base = ["run", "--prompt", "a red circle", "--out", str(tmp_path / "x")]

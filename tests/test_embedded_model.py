@@ -55,3 +55,19 @@ def test_cli_uses_it_by_default(tmp_path):
     assert result.returncode == 0, result.stderr
     assert Image.open(tmp_path / "denoising.gif").n_frames == 25
     assert Image.open(tmp_path / "final.png").size == (64, 64)
+
+
+def test_img2img_keeps_more_of_the_image_at_lower_strength():
+    """Start from a rendered scene and ask for another: the result drifts from the image as strength grows."""
+    scene = scenes.Scene("red", "circle", "left", "large", "gray")
+    image = scenes.render(scene)
+    distances = []
+    for strength in (0.2, 0.5, 1.0):
+        run = api.run("a large blue square in the centre of a white background", sampler="DDIM",
+                      num_inference_steps=20, seed=1, init_image=image, strength=strength)
+        assert len(run) == int(20 * strength)
+        distances.append(np.abs(run.final_image.astype(float) - np.asarray(image, dtype=float)).mean())
+    assert distances[0] < distances[1] < distances[2]
+    assert scenes.detect(Image.fromarray(api.run("a large blue square in the centre", sampler="DDIM",
+                                                 num_inference_steps=20, seed=1, init_image=image,
+                                                 strength=0.2).final_image)).color == "red"

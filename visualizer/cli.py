@@ -25,6 +25,8 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", default="0")
     p.add_argument("--width", default=None)
     p.add_argument("--height", default=None)
+    p.add_argument("--init-image", type=Path, default=None, help="img2img: start from this image")
+    p.add_argument("--strength", default=None, help="img2img: share of the schedule to run (default 0.8)")
     p.add_argument("--view", choices=("xt", "x0", "both"), default="xt", help="frames shown in animations")
     p.add_argument("--fps", type=float, default=8)
     p.add_argument("--out", required=True, type=Path)
@@ -76,18 +78,34 @@ def _generation_kwargs(args) -> dict:
                 num_inference_steps=_number(args.steps, int, "--steps"),
                 guidance_scale=_number(args.guidance, float, "--guidance"),
                 seed=_number(args.seed, int, "--seed"),
-                width=_number(args.width, int, "--width"), height=_number(args.height, int, "--height"))
+                width=_number(args.width, int, "--width"), height=_number(args.height, int, "--height"),
+                **_img2img_kwargs(args))
+
+
+def _img2img_kwargs(args) -> dict:
+    if args.init_image is None:
+        if args.strength is not None:
+            raise ValueError("--strength applies to img2img: give an --init-image too.")
+        return {}
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(args.init_image).convert("RGB")
+    except (OSError, UnidentifiedImageError) as error:
+        raise ValueError(f"Could not read the init image {args.init_image}: {error}") from None
+    strength = _number(args.strength, float, "--strength")
+    return dict(init_image=image, strength=0.8 if strength is None else strength)
 
 
 class _Progress:
     """A tqdm bar that appears with the first finished step (so bad input prints no empty bar)."""
 
-    def __init__(self, total: int, desc: str):
-        self.total, self.desc, self.bar = total, desc, None
+    def __init__(self, runs: int, desc: str):
+        self.runs, self.desc, self.bar = runs, desc, None
 
     def __call__(self, event) -> None:
         if self.bar is None:
-            self.bar = tqdm(total=self.total, desc=self.desc, unit="step")
+            self.bar = tqdm(total=event.total_steps * self.runs, desc=self.desc, unit="step")
         self.bar.update(1)
 
     def close(self) -> None:
@@ -104,7 +122,7 @@ def cmd_run(args) -> None:
     from .export import export_run
 
     kwargs = _generation_kwargs(args)
-    progress = _Progress(kwargs["num_inference_steps"], args.sampler)
+    progress = _Progress(1, args.sampler)
     try:
         result = api.run(args.prompt, sampler=args.sampler, callback=progress, **kwargs)
     finally:
@@ -134,7 +152,7 @@ def cmd_compare(args) -> None:
 
     samplers = [s.strip() for s in args.samplers.split(",") if s.strip()]
     kwargs = _generation_kwargs(args)
-    progress = _Progress(kwargs["num_inference_steps"] * len(samplers), "lockstep")
+    progress = _Progress(len(samplers), "lockstep")
     try:
         runs = api.compare(args.prompt, samplers, callback=progress, **kwargs)
     finally:

@@ -11,6 +11,10 @@ ONE batched UNet call with per-sample timesteps, then steps each sampler's own s
 A "step" is one update of the sampler from one noise level to the next. Heun and DPM2 spend two
 model evaluations on it; the step's timestep, sigma, x0-hat and noise prediction come from its
 first evaluation (at the step's start), its latents from after the update.
+
+img2img (an init image and a strength below 1) works as in `StableDiffusionImg2ImgPipeline`: the
+image is VAE-encoded, noised to the schedule's timestep at `1 - strength` of the way through, and
+only the remaining steps run; they are captured like any other run's.
 """
 from __future__ import annotations
 
@@ -20,8 +24,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
 
 from .models import load_pipeline, resolve
 from .run import Run, Settings, Step
@@ -40,6 +46,7 @@ class StepEvent:
     latents: torch.Tensor  # [1, C, h, w] on the model's device, raw scheduler latents after the step
     xt: torch.Tensor  # the same latents in the model-input (variance-preserving) scale
     x0: torch.Tensor  # predicted clean latents at the step's start
+    total_steps: int  # steps this sampler will run in all (fewer than the schedule's for img2img)
 
 
 StepCallback = Callable[[StepEvent], None]
@@ -75,9 +82,11 @@ class _SamplerLoop:
     x_in: torch.Tensor | None = None
     sigma_space: bool = False  # latents scaled like x0 + sigma * eps (Euler family)
     step_kwargs: dict = field(default_factory=dict)
+    skipped_steps: int = 0  # img2img: schedule steps before the start (their noise comes from the image)
 
     def __post_init__(self):
         self.timesteps = [float(t) for t in self.scheduler.timesteps.cpu()]
+        self.position = self.skipped_steps * self.scheduler.order
         self.sigma_space = abs(float(self.scheduler.init_noise_sigma) - 1.0) > 1e-6
         accepted = set(inspect.signature(self.scheduler.step).parameters)
         if "eta" in accepted:
@@ -88,6 +97,10 @@ class _SamplerLoop:
     @property
     def done(self) -> bool:
         return self.position >= len(self.timesteps)
+
+    @property
+    def total_steps(self) -> int:
+        return self.settings.num_inference_steps - self.skipped_steps
 
     def model_input(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This sampler's next UNet input (scaled latents) and its timestep."""
@@ -127,9 +140,8 @@ class _SamplerLoop:
             return True
         if hasattr(self.scheduler, "state_in_first_order"):
             return bool(self.scheduler.state_in_first_order)
-        # PNDM's first step re-evaluates at the next timestep (timesteps t0, t1, t1, t2, ...)
-        ts, i = self.timesteps, self.position - 1
-        return not (i + 2 < len(ts) and ts[i + 1] == ts[i + 2] and i == 0)
+        # PNDM (PLMS) corrects its first step with a second evaluation, counted by `counter`
+        return getattr(self.scheduler, "counter", None) != 1
 
     def _finish_step(self) -> Step:
         pending, self.pending = self.pending, None
@@ -145,7 +157,8 @@ class _SamplerLoop:
             self.captured.setdefault(key, []).append(value)
         index = len(self.steps) + 1
         step = Step(index=index, timestep=pending.timestep, sigma=float("nan"), noise_share=float("nan"),
-                    progress=index / self.settings.num_inference_steps, evaluations=pending.evaluations)
+                    progress=(self.skipped_steps + index) / self.settings.num_inference_steps,
+                    evaluations=pending.evaluations)
         self.steps.append(step)
         return step
 
@@ -172,15 +185,19 @@ def _prompt_info(pipe, prompt: str) -> dict:
 
 
 def generate_many(settings_list: list[Settings], pipe=None, callback: StepCallback | None = None,
-                  should_stop: Callable[[], bool] | None = None) -> list[Run]:
+                  should_stop: Callable[[], bool] | None = None, init_image=None) -> list[Run]:
     """Run several samplers in lockstep on one prompt, seed and size; one Run each, same initial noise.
 
-    Every Settings must share prompt, negative prompt, seed, size and model (only the sampler, steps and
-    guidance may differ). `should_stop` is polled between rounds: when it returns True the runs end
-    early and keep the steps computed so far (their `info["stopped"]` is True).
+    Every Settings must share prompt, negative prompt, seed, size and model (only the sampler, steps,
+    guidance and strength may differ). `should_stop` is polled between rounds: when it returns True the
+    runs end early and keep the steps computed so far (their `info["stopped"]` is True).
+    `init_image` (PIL image or uint8 HxWx3 array) makes it img2img: each run starts from the image's
+    latents noised to its strength (resized and centre-cropped to the run's size).
     """
     for s in settings_list:
         s.validate()
+        if init_image is None and s.strength < 1:
+            raise ValueError("A strength below 1 needs an init image to start from (img2img).")
     first = settings_list[0]
     shared = ("prompt", "negative_prompt", "seed", "width", "height", "model")
     for s in settings_list[1:]:
@@ -199,17 +216,29 @@ def generate_many(settings_list: list[Settings], pipe=None, callback: StepCallba
     with torch.inference_mode():
         any_cfg = any(s.guidance_scale > 1 and unet.config.time_cond_proj_dim is None for s in settings_list)
         positive, negative = pipe.encode_prompt(first.prompt, device, 1, any_cfg, first.negative_prompt or None)
+        posterior = None if init_image is None else _encode_image(pipe, init_image, height, width)
         loops = []
         for s in settings_list:
             scheduler = make_scheduler(s.sampler, pipe.scheduler.config)
             scheduler.set_timesteps(s.num_inference_steps, device=device)
             generator = torch.Generator("cpu").manual_seed(s.seed)
             shape = (1, unet.config.in_channels, height // scale_factor, width // scale_factor)
-            noise = randn_tensor(shape, generator=generator, device=device, dtype=positive.dtype)
+            skipped = 0
+            if posterior is None:
+                noise = randn_tensor(shape, generator=generator, device=device, dtype=positive.dtype)
+                latents = noise * scheduler.init_noise_sigma
+            else:  # the order of draws (posterior sample, then noise) is diffusers' img2img order
+                init_latents = posterior.sample(generator).to(positive.dtype) * pipe.vae.config.scaling_factor
+                noise = randn_tensor(shape, generator=generator, device=device, dtype=positive.dtype)
+                skipped = s.num_inference_steps - int(s.num_inference_steps * s.strength)
+                start = skipped * scheduler.order
+                if hasattr(scheduler, "set_begin_index"):
+                    scheduler.set_begin_index(start)
+                latents = scheduler.add_noise(init_latents, noise, scheduler.timesteps[start:start + 1])
             loops.append(_SamplerLoop(
-                settings=s, scheduler=scheduler, latents=noise * scheduler.init_noise_sigma, generator=generator,
+                settings=s, scheduler=scheduler, latents=latents, generator=generator,
                 prediction_type=scheduler.config.prediction_type,
-                do_cfg=s.guidance_scale > 1 and unet.config.time_cond_proj_dim is None,
+                do_cfg=s.guidance_scale > 1 and unet.config.time_cond_proj_dim is None, skipped_steps=skipped,
             ))
         initial_noise = noise
         evaluations = _run_lockstep(pipe, loops, positive, negative, callback, should_stop)
@@ -222,8 +251,22 @@ def generate_many(settings_list: list[Settings], pipe=None, callback: StepCallba
         "vae_scaling_factor": float(pipe.vae.config.scaling_factor),
         "seconds": round(elapsed, 3), "lockstep_batch": len(loops), **_prompt_info(pipe, first.prompt),
     }
-    return [_to_run(loop, initial_noise, {**info_common, "unet_evaluations": n}, should_stop)
+    runs = [_to_run(loop, initial_noise, {**info_common, "unet_evaluations": n}, should_stop)
             for loop, n in zip(loops, evaluations)]
+    if posterior is not None:
+        for run, loop in zip(runs, loops):
+            run.tensors["init_latents"] = posterior.mean.float().cpu() * pipe.vae.config.scaling_factor
+            run.info["img2img"] = {"strength": loop.settings.strength, "skipped_steps": loop.skipped_steps,
+                                   "start_timestep": loop.timesteps[loop.skipped_steps * loop.scheduler.order]}
+    return runs
+
+
+def _encode_image(pipe, image, height: int, width: int):
+    """The VAE posterior of `image`, resized and centre-cropped to height x width."""
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    pixels = pipe.image_processor.preprocess(image.convert("RGB"), height=height, width=width, resize_mode="crop")
+    return pipe.vae.encode(pixels.to(pipe.vae.device, pipe.vae.dtype)).latent_dist
 
 
 def _run_lockstep(pipe, loops, positive, negative, callback, should_stop) -> list[int]:
@@ -261,7 +304,7 @@ def _run_lockstep(pipe, loops, positive, negative, callback, should_stop) -> lis
             step = loop.advance(guided, cond, uncond)
             if step is not None and callback is not None:
                 c = loop.captured
-                callback(StepEvent(i, step, c["latents"][-1], c["xt"][-1], c["x0"][-1]))
+                callback(StepEvent(i, step, c["latents"][-1], c["xt"][-1], c["x0"][-1], loop.total_steps))
     return evaluations
 
 
@@ -283,7 +326,7 @@ def _to_run(loop: _SamplerLoop, initial_noise: torch.Tensor, info: dict, should_
             "init_noise_sigma": float(scheduler.init_noise_sigma),
             "prediction_type": loop.prediction_type, "guidance_scale": loop.settings.guidance_scale,
             "seed": loop.settings.seed,
-            "stopped": len(loop.steps) < loop.settings.num_inference_steps}
+            "stopped": len(loop.steps) < loop.total_steps}
     return Run(settings=loop.settings, steps=loop.steps, tensors=tensors, info=_jsonable(info))
 
 
@@ -300,6 +343,6 @@ def _jsonable(value):
 
 
 def generate(settings: Settings, pipe=None, callback: StepCallback | None = None,
-             should_stop: Callable[[], bool] | None = None) -> Run:
+             should_stop: Callable[[], bool] | None = None, init_image=None) -> Run:
     """One sampler's run with every step captured (see `generate_many`)."""
-    return generate_many([settings], pipe, callback, should_stop)[0]
+    return generate_many([settings], pipe, callback, should_stop, init_image)[0]

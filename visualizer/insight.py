@@ -190,12 +190,19 @@ def pipeline_stages(run) -> str:
     keys = ("timestep_spacing", "prediction_type", "use_karras_sigmas", "algorithm_type", "beta_schedule")
     settings = ", ".join(f"{k}={config[k]}" for k in keys if k in config)
     h, w = i.get("image_size", ["?", "?"])
+    start = (f"3. **Initial noise**: shape {i.get('latent_shape')}, seed {run.settings.seed}, "
+             f"scaled by init_noise_sigma = {i.get('init_noise_sigma', 1):.3f}")
+    if "img2img" in i:
+        m = i["img2img"]
+        start = (f"3. **Init image (img2img)**: VAE-encoded to shape {i.get('latent_shape')}, noised with seed "
+                 f"{run.settings.seed} to t = {m['start_timestep']:.0f}, where step {m['skipped_steps'] + 1} of "
+                 f"{run.settings.num_inference_steps} begins (strength {m['strength']}); the first "
+                 f"{m['skipped_steps']} steps are skipped")
     return "\n".join([
         f"1. **Tokenizer**: {i.get('tokens', '?')} tokens of at most {i.get('token_limit', '?')}{truncated}: `{shown}`",
         f"2. **Text encoder**: embedding of shape {i.get('text_embedding_shape')} "
         f"({'with an unconditional twin for CFG' if 'eps_cond' in run.tensors else 'no CFG'})",
-        f"3. **Initial noise**: shape {i.get('latent_shape')}, seed {run.settings.seed}, "
-        f"scaled by init_noise_sigma = {i.get('init_noise_sigma', 1):.3f}",
+        start,
         f"4. **UNet**: {i.get('unet_evaluations')} evaluations for {len(run)} steps, "
         f"batch of {2 if 'eps_cond' in run.tensors else 1} per evaluation"
         f"{', in lockstep with other samplers' if i.get('lockstep_batch', 1) > 1 else ''}",

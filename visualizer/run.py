@@ -34,6 +34,7 @@ class Settings:
     seed: int = 0  # seeds the initial noise and any sampler noise
     width: int | None = None  # pixels; None = the model's native size
     height: int | None = None
+    strength: float = 1.0  # img2img: share of the schedule run from the noised init image (1 = all of it)
 
     def validate(self) -> "Settings":
         """Raise ValueError with a message a person can act on; return self when all is well."""
@@ -48,6 +49,15 @@ class Settings:
             raise ValueError(f"Guidance scale must be a number, got {self.guidance_scale!r}.") from None
         if not math.isfinite(self.guidance_scale) or not 0 <= self.guidance_scale <= 50:
             raise ValueError(f"Guidance scale must be a finite number from 0 to 50, got {self.guidance_scale}.")
+        try:
+            self.strength = float(self.strength)
+        except (TypeError, ValueError):
+            raise ValueError(f"Strength must be a number, got {self.strength!r}.") from None
+        if not math.isfinite(self.strength) or not 0 < self.strength <= 1:
+            raise ValueError(f"Strength must be above 0 and at most 1, got {self.strength}.")
+        if int(self.num_inference_steps * self.strength) < 1:
+            raise ValueError(f"Strength {self.strength} of {self.num_inference_steps} steps runs no step: "
+                             f"raise the strength to at least {1 / self.num_inference_steps:.2f} or add steps.")
         for name in ("width", "height"):
             value = getattr(self, name)
             if value is not None:
@@ -88,7 +98,7 @@ class Step:
     timestep: float  # UNet timestep of the step's first model evaluation
     sigma: float  # noise level of that evaluation (x = x0 + sigma * eps convention)
     noise_share: float  # sigma / sqrt(1 + sigma^2): share of the model input that is noise
-    progress: float  # index / number of steps
+    progress: float  # how far through the sampler's whole schedule this step ends (1.0 = the last step)
     evaluations: int  # UNet evaluations spent on this step (2 for Heun / DPM2)
 
 

@@ -32,6 +32,9 @@ PROSE = {
               "layout, late steps only edges.",
     "forward": "The forward process, q(x_t | x_0): take an image, encode it, and add noise at this run's noise "
                "levels, step by step. Move the slider: denoising runs this film backwards.",
+    "img2img": "Empty: start from pure noise. With an image: it is encoded by the VAE, noised to the point "
+               "`1 - strength` of the way through the schedule, and only the remaining steps run (img2img). "
+               "Low strength keeps the image; 1.0 keeps little of it.",
     "compare": "Pick 2 to 8 samplers. They share the prompt, seed and initial noise and run in one batch. "
                "The slider moves every cell to the same point of its schedule (0% = first step, 100% = last).",
 }
@@ -75,6 +78,11 @@ def build(config: AppConfig) -> gr.Blocks:
                     sampler = gr.Dropdown(sampler_names(), value=DEFAULT_SAMPLER, label="Sampler")
                     seed, steps, guidance, width, height, model = _settings_controls(config.default_model,
                                                                                      config.allow_any_model)
+                    with gr.Accordion("Start from an image (img2img)", open=False):
+                        gr.Markdown(PROSE["img2img"], elem_classes="explain")
+                        init_image = gr.Image(label="Init image", type="numpy", sources=["upload"], height=160,
+                                              elem_id="init-image")
+                        strength = gr.Slider(0.05, 1.0, value=0.6, step=0.05, label="Strength", elem_id="strength")
                     with gr.Row():
                         run_button = gr.Button("Generate", variant="primary", elem_id="generate")
                         stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
@@ -161,7 +169,8 @@ def build(config: AppConfig) -> gr.Blocks:
         # ---- wiring -------------------------------------------------------------------------
         model_event = dict(concurrency_id=MODEL_CONCURRENCY, concurrency_limit=1)
         run_button.click(
-            app.generate, [prompt, negative, seed, steps, guidance, sampler, width, height, model],
+            app.generate, [prompt, negative, seed, steps, guidance, sampler, width, height, model, init_image,
+                           strength],
             [image, step_slider, run_id, steps_table, status, notice], api_name="generate", **model_event)
         stop_button.click(app.stop, None, None, queue=False, api_name="stop")
         step_slider.change(app.show_step, [run_id, step_slider, view], [image, step_label], api_name="frame",

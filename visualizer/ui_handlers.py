@@ -70,8 +70,10 @@ class App:
 
     # ---- handlers -------------------------------------------------------------------------
     def generate(self, prompt, negative_prompt, seed, steps, guidance, sampler, width, height, model,
-                 request: gr.Request = None, progress=gr.Progress()):
+                 init_image=None, strength=1.0, request: gr.Request = None, progress=gr.Progress()):
         """Stream (preview, status) while the run goes; end with the decoded run on the slider.
+
+        With an `init_image` it is img2img at `strength`; without one, strength is ignored.
 
         **Stop** (see `stop`) ends the loop early and the steps computed so far are shown; a closed tab
         closes this generator, whose `finally` halts the loop within one step.
@@ -95,7 +97,8 @@ class App:
                 result["run"] = api.run(
                     prompt, negative_prompt=negative_prompt, sampler=sampler, model=model,
                     num_inference_steps=steps, guidance_scale=guidance, seed=seed, width=_size(width),
-                    height=_size(height), callback=events.put, should_stop=stop.is_set, decoder=decoder)
+                    height=_size(height), init_image=init_image, strength=1.0 if init_image is None else strength,
+                    callback=events.put, should_stop=stop.is_set, decoder=decoder)
             except Exception as error:  # handed to the request thread, which reports it
                 result["error"] = error
             finally:
@@ -110,7 +113,7 @@ class App:
                 event = events.get()
                 if event is None:
                     break
-                progress((event.step.index, steps), desc="Denoising", unit="steps")
+                progress((event.step.index, event.total_steps), desc="Denoising", unit="steps")
                 now = time.monotonic()
                 if now - last_sent >= PREVIEW_INTERVAL:
                     last_sent = now
@@ -128,8 +131,11 @@ class App:
             raise UserError("Stopped before the first step finished: nothing to show.")
         run_id = self.store.add([run])
         last = len(run) - 1
+        img2img = run.info.get("img2img")
+        start = (f" from the init image (strength {img2img['strength']}: steps {img2img['skipped_steps'] + 1}–"
+                 f"{run.settings.num_inference_steps} of the schedule)") if img2img else ""
         status = ("Stopped early: " if run.info.get("stopped") else "Done: ") + \
-                 f"{len(run)} steps in {run.info['seconds']:.1f} s ({run.info['unet_evaluations']} UNet evaluations)."
+                 f"{len(run)} steps{start} in {run.info['seconds']:.1f} s ({run.info['unet_evaluations']} UNet evaluations)."
         if run.info.get("truncated"):
             notice = (notice + " " if notice else "") + \
                      f"The prompt was cut at {run.info['token_limit']} tokens; ignored: “{run.info['dropped_text']}”."
@@ -265,7 +271,7 @@ def _live_preview(decoder, event, previewer) -> tuple[np.ndarray, str]:
     """(image, status line) during a run: the newest exact VAE frame of x0-hat, or until the first
     batch is decoded, a cheap preview (labelled as such)."""
     latest = decoder.latest(0, "x0")
-    total = round(event.step.index / event.step.progress)
+    total = event.total_steps
     if latest is None:
         image, what = previewer(event.x0)
         return np.asarray(upscale(image)), f"Step {event.step.index} of {total} · {what} of x0-hat"
