@@ -38,6 +38,10 @@ class TrainConfig:
     text_lr: float = 1e-3
     caption_dropout: float = 0.1  # share of empty captions, so classifier-free guidance works
     min_snr_gamma: float = 5.0
+    # Multi-resolution noise: coarse noise added at 1/2, 1/4, ... of the latent size with weights
+    # discount**level. At 16x16 latents SD's schedule leaves the layout visible in x_t up to t ~ 950, so
+    # with white noise the UNet reads the layout off x_t and never learns it from the caption.
+    noise_discount: float = 0.8
     # Share of each batch trained as the sampler's first step sees it: pure noise at the top timesteps
     # (no leaked signal), scored in x0 space. Without it the layout copies whatever blob the starting
     # noise happens to hold and position words are ignored.
@@ -53,7 +57,7 @@ def build_models(cfg: TrainConfig, tokenizer_dir: Path):
     tokenizer = architecture.write_tokenizer(tokenizer_dir, scenes.vocabulary(), cfg.max_length)
     encoder = architecture.text_encoder(len(tokenizer.get_vocab()), cfg.max_length, hidden=64, layers=2)
     vae = architecture.vae((32, 64, 64), scenes.IMAGE_SIZE)
-    unet = architecture.unet((64, 128, 128), scenes.IMAGE_SIZE // 4, cross_attention_dim=64)
+    unet = architecture.unet((64, 128, 128, 128), scenes.IMAGE_SIZE // 4, cross_attention_dim=64)
     return tokenizer, encoder, vae, unet
 
 
@@ -78,6 +82,20 @@ def shape_weights(x: torch.Tensor, weight: float) -> torch.Tensor:
     corner = x[:, :, :1, :1]
     differs = (x - corner).abs().amax(dim=1, keepdim=True) > 0.1
     return 1.0 + (weight - 1.0) * differs.float()
+
+
+def multires_noise(shape: tuple[int, ...], generator: torch.Generator, discount: float) -> torch.Tensor:
+    """White noise plus upsampled coarser noise (discount**level per halving), rescaled to unit std."""
+    noise = torch.randn(shape, generator=generator)
+    if discount <= 0:
+        return noise
+    b, c, h, w = shape
+    level = 1
+    while h >> level and w >> level:
+        coarse = torch.randn((b, c, h >> level, w >> level), generator=generator)
+        noise += F.interpolate(coarse, size=(h, w), mode="bilinear") * discount ** level
+        level += 1
+    return noise / noise.std(dim=(1, 2, 3), keepdim=True)
 
 
 def save(path: Path, **state) -> None:
@@ -166,7 +184,7 @@ def train_unet(cfg, tokenizer, encoder, vae, unet, items, latents, work: Path) -
         idx = torch.randint(len(mean), (cfg.unet_batch,), generator=g)
         x0 = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)
         captions = ["" if rng.random() < cfg.caption_dropout else scenes.caption(items[i], rng) for i in idx.tolist()]
-        noise = torch.randn(x0.shape, generator=g)
+        noise = multires_noise(x0.shape, g, cfg.noise_discount)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (cfg.unet_batch,), generator=g)
         x_t = noise_scheduler.add_noise(x0, noise, t)
         target = noise
