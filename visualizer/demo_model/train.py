@@ -38,18 +38,9 @@ class TrainConfig:
     text_lr: float = 1e-3
     caption_dropout: float = 0.1  # share of empty captions, so classifier-free guidance works
     min_snr_gamma: float = 5.0
-    # Multi-resolution noise: coarse noise added at 1/2, 1/4, ... of the latent size with weights
-    # discount**level. At 16x16 latents SD's schedule leaves the layout visible in x_t up to t ~ 950, so
-    # with white noise the UNet reads the layout off x_t and never learns it from the caption.
-    noise_discount: float = 0.8
-    # Share of each batch trained as the sampler's first step sees it: pure noise at the top timesteps
-    # (no leaked signal), scored in x0 space. Without it the layout copies whatever blob the starting
-    # noise happens to hold and position words are ignored.
-    layout_share: float = 0.125
-    layout_min_t: int = 950
     ema_decay: float = 0.999
     checkpoint_every: int = 250
-    eval_every: int = 500
+    eval_every: int = 1000
 
 
 def build_models(cfg: TrainConfig, tokenizer_dir: Path):
@@ -57,7 +48,7 @@ def build_models(cfg: TrainConfig, tokenizer_dir: Path):
     tokenizer = architecture.write_tokenizer(tokenizer_dir, scenes.vocabulary(), cfg.max_length)
     encoder = architecture.text_encoder(len(tokenizer.get_vocab()), cfg.max_length, hidden=64, layers=2)
     vae = architecture.vae((32, 64, 64), scenes.IMAGE_SIZE)
-    unet = architecture.unet((64, 128, 128, 128), scenes.IMAGE_SIZE // 4, cross_attention_dim=64)
+    unet = architecture.unet((64, 128, 128), scenes.IMAGE_SIZE // 4, cross_attention_dim=64)
     return tokenizer, encoder, vae, unet
 
 
@@ -82,20 +73,6 @@ def shape_weights(x: torch.Tensor, weight: float) -> torch.Tensor:
     corner = x[:, :, :1, :1]
     differs = (x - corner).abs().amax(dim=1, keepdim=True) > 0.1
     return 1.0 + (weight - 1.0) * differs.float()
-
-
-def multires_noise(shape: tuple[int, ...], generator: torch.Generator, discount: float) -> torch.Tensor:
-    """White noise plus upsampled coarser noise (discount**level per halving), rescaled to unit std."""
-    noise = torch.randn(shape, generator=generator)
-    if discount <= 0:
-        return noise
-    b, c, h, w = shape
-    level = 1
-    while h >> level and w >> level:
-        coarse = torch.randn((b, c, h >> level, w >> level), generator=generator)
-        noise += F.interpolate(coarse, size=(h, w), mode="bilinear") * discount ** level
-        level += 1
-    return noise / noise.std(dim=(1, 2, 3), keepdim=True)
 
 
 def save(path: Path, **state) -> None:
@@ -184,22 +161,12 @@ def train_unet(cfg, tokenizer, encoder, vae, unet, items, latents, work: Path) -
         idx = torch.randint(len(mean), (cfg.unet_batch,), generator=g)
         x0 = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)
         captions = ["" if rng.random() < cfg.caption_dropout else scenes.caption(items[i], rng) for i in idx.tolist()]
-        noise = multires_noise(x0.shape, g, cfg.noise_discount)
+        noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (cfg.unet_batch,), generator=g)
-        x_t = noise_scheduler.add_noise(x0, noise, t)
-        target = noise
+        pred = unet(noise_scheduler.add_noise(x0, noise, t), t, encode_text(tokenizer, encoder, captions)).sample
         snr = alphas[t] / (1 - alphas[t])
         weight = torch.clamp(snr, max=cfg.min_snr_gamma) / snr
-        n_layout = round(cfg.layout_share * cfg.unet_batch)
-        if n_layout:  # first-step samples: input is pure noise; the target eps still implies the real x0
-            top = torch.randint(cfg.layout_min_t, noise_scheduler.config.num_train_timesteps, (n_layout,), generator=g)
-            a = alphas[top].view(-1, 1, 1, 1)
-            t[:n_layout], x_t[:n_layout] = top, noise[:n_layout]
-            target = noise.clone()
-            target[:n_layout] = (noise[:n_layout] - a.sqrt() * x0[:n_layout]) / (1 - a).sqrt()
-            weight[:n_layout] = (1 - alphas[top]) / alphas[top]  # eps error -> x0 error
-        pred = unet(x_t, t, encode_text(tokenizer, encoder, captions)).sample
-        loss = (F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3)) * weight).mean()
+        loss = (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * weight).mean()
         for group, peak in zip(opt.param_groups, (cfg.unet_lr, cfg.text_lr)):  # warm up, hold, decay the last 30%
             group["lr"] = peak * min(1.0, (step + 1) / 200, max(0.1, (cfg.unet_steps - step) / (0.3 * cfg.unet_steps)))
         opt.zero_grad(set_to_none=True)
@@ -238,12 +205,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("assets/demo-model"), help="final model folder")
     parser.add_argument("--vae-steps", type=int, default=TrainConfig.vae_steps)
     parser.add_argument("--unet-steps", type=int, default=TrainConfig.unet_steps)
-    parser.add_argument("--layout-share", type=float, default=TrainConfig.layout_share,
-                        help="share of each batch trained from pure noise (0 = the original recipe)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    cfg = TrainConfig(vae_steps=args.vae_steps, unet_steps=args.unet_steps, layout_share=args.layout_share)
+    cfg = TrainConfig(vae_steps=args.vae_steps, unet_steps=args.unet_steps)
     args.work.mkdir(parents=True, exist_ok=True)
     (args.work / "config.txt").write_text(repr(asdict(cfg)))
     tokenizer, encoder, vae, unet = build_models(cfg, args.work / "tokenizer")
