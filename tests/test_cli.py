@@ -21,7 +21,8 @@ def test_run_writes_every_frame_and_the_exports(tiny_model, tmp_path):
     assert all({"timestep", "sigma"} <= set(s) for s in doc["steps"])
     for kind in ("xt", "x0"):
         assert sorted(p.name for p in (out / "frames").glob(f"{kind}_*.png"))[-1] == f"{kind}_0006.png"
-    for name in ("final.png", "denoising.gif", "denoising.mp4", "denoising.webp", "frames.zip", "sheet.png"):
+    for name in ("final.png", "denoising.gif", "denoising.mp4", "denoising.webp", "frames.zip", "sheet.png",
+                 "convergence.png", "schedule.png"):
         assert (out / name).stat().st_size > 0, name
     assert Image.open(out / "denoising.gif").n_frames == 6
 
@@ -31,7 +32,8 @@ def test_compare_and_reexport(tiny_model, tmp_path):
     result = cli("compare", "--prompt", "a red circle", "--samplers", "Euler,DDIM,DPM++ 2M", "--model", tiny_model,
                  "--steps", "4", "--out", str(out))
     assert result.returncode == 0, result.stderr
-    assert {p.name for p in out.iterdir()} >= {"grid.png", "grid.gif", "euler", "ddim", "dpm-2m"}
+    assert {p.name for p in out.iterdir()} >= {"grid.png", "grid.gif", "convergence.png", "euler", "ddim", "dpm-2m"}
+    assert Image.open(out / "convergence.png").width > 0 and not (out / "schedule.png").exists()
     (out / "euler" / "denoising.gif").unlink(missing_ok=True)
     result = cli("export", str(out / "euler"), "--gif", "--view", "x0")
     assert result.returncode == 0, result.stderr

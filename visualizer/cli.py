@@ -129,21 +129,22 @@ def cmd_run(args) -> None:
         progress.close()
     _warn_truncation(result)
     result.save(args.out)
-    write_plots(result, args.out)
+    write_plots([result], args.out, schedule=True)
     written = export_run(result, args.out, [f for f in FORMATS if getattr(args, f)], view=args.view, fps=args.fps)
     structure = result.info.get("structure_step")
     print(f"{len(result)} steps -> {args.out}/ (run.json, frames/, final.png, convergence.png, schedule.png"
           f"{''.join(', ' + p.name for p in written.values())}); structure appears at step {structure}")
 
 
-def write_plots(run, folder: Path) -> None:
-    """convergence.png and schedule.png next to a run."""
+def write_plots(runs: list, folder: Path, schedule: bool = False) -> None:
+    """convergence.png (one curve per run) in `folder`; with `schedule`, schedule.png of the first run."""
     from PIL import Image
 
     from .insight import convergence_plot, figure_png, schedule_plot
 
-    Image.fromarray(figure_png(convergence_plot([run]))).save(folder / "convergence.png")
-    Image.fromarray(figure_png(schedule_plot(run))).save(folder / "schedule.png")
+    Image.fromarray(figure_png(convergence_plot(runs))).save(folder / "convergence.png")
+    if schedule:
+        Image.fromarray(figure_png(schedule_plot(runs[0]))).save(folder / "schedule.png")
 
 
 def cmd_compare(args) -> None:
@@ -161,11 +162,7 @@ def cmd_compare(args) -> None:
     for r in runs:
         r.save(args.out / slug(r.settings.sampler))
     export_grid(runs, args.out, ["png", "gif"] + (["mp4"] if args.mp4 else []), view=args.view, fps=args.fps)
-    from PIL import Image
-
-    from .insight import convergence_plot, figure_png
-
-    Image.fromarray(figure_png(convergence_plot(runs))).save(args.out / "convergence.png")
+    write_plots(runs, args.out)
     print(f"{len(runs)} samplers -> {args.out}/ (grid.png, grid.gif, convergence.png, one folder per sampler)")
 
 

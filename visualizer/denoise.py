@@ -86,7 +86,7 @@ class _SamplerLoop:
 
     def __post_init__(self):
         self.timesteps = [float(t) for t in self.scheduler.timesteps.cpu()]
-        self.position = self.skipped_steps * self.scheduler.order
+        self.position = self.start
         self.sigma_space = abs(float(self.scheduler.init_noise_sigma) - 1.0) > 1e-6
         accepted = set(inspect.signature(self.scheduler.step).parameters)
         if "eta" in accepted:
@@ -97,6 +97,11 @@ class _SamplerLoop:
     @property
     def done(self) -> bool:
         return self.position >= len(self.timesteps)
+
+    @property
+    def start(self) -> int:
+        """Index in the scheduler's timesteps of this sampler's first model evaluation."""
+        return self.skipped_steps * self.scheduler.order
 
     @property
     def total_steps(self) -> int:
@@ -254,10 +259,11 @@ def generate_many(settings_list: list[Settings], pipe=None, callback: StepCallba
     runs = [_to_run(loop, initial_noise, {**info_common, "unet_evaluations": n}, should_stop)
             for loop, n in zip(loops, evaluations)]
     if posterior is not None:
+        init_latents = posterior.mean.float().cpu() * pipe.vae.config.scaling_factor
         for run, loop in zip(runs, loops):
-            run.tensors["init_latents"] = posterior.mean.float().cpu() * pipe.vae.config.scaling_factor
+            run.tensors["init_latents"] = init_latents
             run.info["img2img"] = {"strength": loop.settings.strength, "skipped_steps": loop.skipped_steps,
-                                   "start_timestep": loop.timesteps[loop.skipped_steps * loop.scheduler.order]}
+                                   "start_timestep": loop.timesteps[loop.start]}
     return runs
 
 

@@ -39,8 +39,7 @@ class RunStore:
         return run_id
 
     def frame_bytes(self) -> int:
-        return sum(frame.nbytes for runs in self._runs.values() for run in runs
-                   for frames in run.frames.values() for frame in frames)
+        return sum(_frame_bytes(run) for runs in self._runs.values() for run in runs)
 
     def _drop_frames_over_budget(self) -> None:
         """Forget decoded frames of the least recently used runs (never the newest) until under budget."""
@@ -49,7 +48,7 @@ class RunStore:
             if total <= self.frame_budget:
                 return
             for run in runs:
-                total -= sum(f.nbytes for frames in run.frames.values() for f in frames)
+                total -= _frame_bytes(run)
                 run.frames = {}
 
     def get(self, run_id: str | None, redecode=None) -> list:
@@ -74,3 +73,7 @@ class RunStore:
 
     def __len__(self) -> int:
         return len(self._runs)
+
+
+def _frame_bytes(run) -> int:
+    return sum(frame.nbytes for frames in run.frames.values() for frame in frames)
