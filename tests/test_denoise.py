@@ -105,3 +105,45 @@ def test_long_prompt_truncation_is_reported(tiny_model, tiny_pipe):
     run = generate(Settings(prompt=" ".join(["red circle"] * 20), model=tiny_model, num_inference_steps=2), tiny_pipe)
     assert run.info["truncated"] and "red" in run.info["dropped_text"]
     assert len(run.info["token_strings"]) == run.info["token_limit"]
+
+
+@pytest.fixture(scope="module")
+def v_model(tmp_path_factory):
+    """A tiny SD pipeline whose UNet predicts v, as SD 2.x-768 (and the embedded model) do."""
+    from visualizer.demo_model.architecture import tiny_pipeline
+    from visualizer.models import load_pipeline
+
+    folder = str(tiny_pipeline(tmp_path_factory.mktemp("tiny-sd-v"), prediction_type="v_prediction"))
+    return folder, load_pipeline(folder)
+
+
+@pytest.mark.parametrize("sampler", ["DDIM", "Euler", "Euler a", "DPM++ 2M", "Heun", "PNDM", "UniPC"])
+def test_v_prediction_models_match_diffusers(v_model, sampler):
+    folder, pipe = v_model
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    run = generate(settings(folder, sampler, steps=12), pipe)
+    assert run.info["prediction_type"] == "v_prediction"
+    ours = vae_decode(pipe.vae, run.tensors["latents"][-1:])[0].astype(np.float32) / 255
+    assert np.abs(ours - diffusers_image(pipe, sampler, 12)).max() <= 2 / 255
+
+
+def test_v_prediction_x0_hat_and_noise_are_what_the_scheduler_computes(v_model):
+    """x0-hat and noise predictions of a v model, checked against DDIM's own for a fresh UNet call."""
+    from diffusers import DDIMScheduler
+
+    folder, pipe = v_model
+    run = generate(settings(folder, "DDIM", steps=12), pipe)
+    cond, uncond = pipe.encode_prompt(PROMPT, "cpu", 1, True)
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
+    scheduler.set_timesteps(12)
+    for k in (0, 6):
+        x_in, t = run.tensors["x_in"][k:k + 1], scheduler.timesteps[k]
+        with torch.no_grad():
+            v_uncond, v_cond = pipe.unet(torch.cat([x_in] * 2), t, torch.cat([uncond, cond])).sample.chunk(2)
+        expected = scheduler.step(v_uncond + 7.5 * (v_cond - v_uncond), t, x_in).pred_original_sample
+        assert torch.allclose(run.tensors["x0"][k:k + 1], expected, atol=1e-4), k
+        abar = scheduler.alphas_cumprod[int(t)]
+        for v, name in ((v_cond, "eps_cond"), (v_uncond, "eps_uncond")):  # eps = sqrt(abar) v + sqrt(1-abar) x_t
+            assert torch.allclose(run.tensors[name][k:k + 1], abar.sqrt() * v + (1 - abar).sqrt() * x_in, atol=1e-4)
+    t = run.tensors
+    assert torch.allclose(t["eps"], t["eps_uncond"] + 7.5 * (t["eps_cond"] - t["eps_uncond"]), atol=1e-4)

@@ -131,6 +131,9 @@ class _SamplerLoop:
         if self.pending is None:
             sigma = self._sigma(t)
             x0, eps = predictions(self.x_in, model_output, sigma, self.prediction_type)
+            if cond is not None:  # noise predictions whatever the model outputs (v models output v)
+                cond = predictions(self.x_in, cond, sigma, self.prediction_type)[1]
+                uncond = predictions(self.x_in, uncond, sigma, self.prediction_type)[1]
             self.pending = _Pending(self.timesteps[self.position], sigma, self.x_in, x0=x0, eps=eps,
                                     eps_cond=cond, eps_uncond=uncond)
         self.pending.evaluations += 1

@@ -169,10 +169,9 @@ def guidance_breakdown(run, index: int, vae) -> dict[str, np.ndarray] | None:
     if "eps_cond" not in t:
         return None
     sigma = torch.tensor(run.steps[index].sigma)
-    kind = run.info.get("prediction_type", "epsilon")
     x_in = t["x_in"][index:index + 1]
-    x0_uncond, _ = predictions(x_in, t["eps_uncond"][index:index + 1], sigma, kind)
-    x0_cond, _ = predictions(x_in, t["eps_cond"][index:index + 1], sigma, kind)
+    x0_uncond, _ = predictions(x_in, t["eps_uncond"][index:index + 1], sigma, "epsilon")
+    x0_cond, _ = predictions(x_in, t["eps_cond"][index:index + 1], sigma, "epsilon")
     decoded = vae_decode(vae, torch.cat([x0_uncond, x0_cond, t["x0"][index:index + 1]]))
     added = (run.settings.guidance_scale * (t["eps_cond"][index] - t["eps_uncond"][index])).norm(dim=0).numpy()
     size = decoded.shape[1]

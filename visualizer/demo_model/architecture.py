@@ -73,16 +73,20 @@ def unet(channels: tuple[int, ...], sample_size: int, cross_attention_dim: int, 
     )
 
 
-def assemble(unet_model, vae_model, encoder, tokenizer) -> StableDiffusionPipeline:
-    """A Stable Diffusion pipeline from parts, with SD's noise schedule and no safety checker."""
-    scheduler = PNDMScheduler(**SD_BETAS, skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)
+def assemble(unet_model, vae_model, encoder, tokenizer, prediction_type: str = "epsilon") -> StableDiffusionPipeline:
+    """A Stable Diffusion pipeline from parts, with SD's noise schedule and no safety checker.
+
+    `prediction_type` is what the UNet outputs: "epsilon" (SD 1.x, SD 2.x-base) or "v_prediction" (SD 2.x-768).
+    """
+    scheduler = PNDMScheduler(**SD_BETAS, skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False,
+                              prediction_type=prediction_type)
     return StableDiffusionPipeline(
         vae=vae_model, text_encoder=encoder, tokenizer=tokenizer, unet=unet_model, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
 
 
-def tiny_pipeline(folder: Path, seed: int = 0) -> Path:
+def tiny_pipeline(folder: Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
     """Save a tiny random-weight SD pipeline (32x32 images, 8x8 latents) to `folder`; for tests."""
     import torch
 
@@ -90,6 +94,7 @@ def tiny_pipeline(folder: Path, seed: int = 0) -> Path:
     words = ["a", "red", "blue", "circle", "square", "on", "the", "left", "right", "of", "background"]
     tokenizer = write_tokenizer(folder / "tokenizer", words, max_length=16)
     encoder = text_encoder(len(tokenizer.get_vocab()), 16, hidden=32, layers=1)
-    pipe = assemble(unet((32, 64), 8, cross_attention_dim=32), vae((16, 32, 32), 32), encoder, tokenizer)
+    pipe = assemble(unet((32, 64), 8, cross_attention_dim=32), vae((16, 32, 32), 32), encoder, tokenizer,
+                    prediction_type)
     pipe.save_pretrained(folder)
     return folder
