@@ -13,6 +13,7 @@ PROMPT = "a red circle on the left"
 
 
 def settings(tiny_model, sampler="Euler", steps=6, **kw):
+    kw.setdefault("guidance_scale", 7.5)
     return Settings(prompt=PROMPT, model=tiny_model, sampler=sampler, num_inference_steps=steps, seed=11, **kw)
 
 

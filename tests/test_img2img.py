@@ -7,7 +7,7 @@ from PIL import Image
 
 from visualizer.decode import vae_decode
 from visualizer.denoise import generate, generate_many
-from visualizer.run import Settings
+from visualizer.run import DEFAULT_GUIDANCE, Settings
 from visualizer.samplers import make_scheduler
 
 PROMPT = "a red circle on the left"
@@ -30,7 +30,7 @@ def diffusers_img2img(pipe, sampler, steps, strength, seed=5):
     reference = StableDiffusionImg2ImgPipeline(
         **{**pipe.components, "scheduler": make_scheduler(sampler, pipe.scheduler.config)})
     reference.set_progress_bar_config(disable=True)
-    out = reference(PROMPT, image=init_image(), strength=strength, num_inference_steps=steps, guidance_scale=7.5,
+    out = reference(PROMPT, image=init_image(), strength=strength, num_inference_steps=steps, guidance_scale=DEFAULT_GUIDANCE,
                     generator=torch.Generator().manual_seed(seed), output_type="np")
     return out.images[0]
 

@@ -7,11 +7,11 @@ from .decode import StreamingDecoder
 from .insight import attach_metrics
 from .denoise import StepCallback, generate_many
 from .models import load_pipeline
-from .run import Run, Settings
+from .run import DEFAULT_GUIDANCE, Run, Settings
 
 
 def run(prompt: str, *, sampler: str = "Euler", model: str = "embedded", num_inference_steps: int = 25,
-        guidance_scale: float = 7.5, seed: int = 0, width: int | None = None, height: int | None = None,
+        guidance_scale: float = DEFAULT_GUIDANCE, seed: int = 0, width: int | None = None, height: int | None = None,
         negative_prompt: str = "", init_image=None, strength: float = 1.0, decode: bool = True,
         callback: StepCallback | None = None, should_stop: Callable[[], bool] | None = None,
         decoder: StreamingDecoder | None = None) -> Run:
@@ -27,7 +27,7 @@ def run(prompt: str, *, sampler: str = "Euler", model: str = "embedded", num_inf
 
 
 def compare(prompt: str, samplers: Sequence[str], *, model: str = "embedded", num_inference_steps: int = 25,
-            guidance_scale: float = 7.5, seed: int = 0, width: int | None = None, height: int | None = None,
+            guidance_scale: float = DEFAULT_GUIDANCE, seed: int = 0, width: int | None = None, height: int | None = None,
             negative_prompt: str = "", init_image=None, strength: float = 1.0, decode: bool = True,
             callback: StepCallback | None = None, should_stop: Callable[[], bool] | None = None,
             decoder: StreamingDecoder | None = None) -> list[Run]:

@@ -24,6 +24,7 @@ from . import api, views
 from .decode import StreamingDecoder, latent_preview, latent_rgb_factors, vae_decode
 from .export import prepare, save_gif, save_mp4
 from .models import load_pipeline
+from .run import DEFAULT_GUIDANCE
 from .samplers import make_scheduler
 
 PROMPT = "a large red circle in the centre"
@@ -64,7 +65,7 @@ def measure_model(model: str, size: int | None, steps: int, repeats: int) -> dic
     pipe = load_pipeline(model)
     scheduler = make_scheduler("Euler", pipe.scheduler.config)
     pipe.scheduler = scheduler
-    kwargs = dict(num_inference_steps=steps, guidance_scale=7.5, height=size, width=size)
+    kwargs = dict(num_inference_steps=steps, guidance_scale=DEFAULT_GUIDANCE, height=size, width=size)
     generator = lambda: torch.Generator("cpu").manual_seed(0)  # noqa: E731
 
     def plain():

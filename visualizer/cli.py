@@ -21,7 +21,7 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--model", default="embedded", help="embedded (default), sd15, sd21, sd-turbo, a folder or a hub id")
     p.add_argument("--steps", default="25", help="sampler steps")
-    p.add_argument("--guidance", default="7.5", help="classifier-free guidance scale")
+    p.add_argument("--guidance", help="classifier-free guidance scale (default: run.DEFAULT_GUIDANCE, 5.0)")
     p.add_argument("--seed", default="0")
     p.add_argument("--width", default=None)
     p.add_argument("--height", default=None)
@@ -74,9 +74,10 @@ def _number(text, kind, label):
 
 
 def _generation_kwargs(args) -> dict:
+    guidance = _number(args.guidance, float, "--guidance")
     return dict(model=args.model, negative_prompt=args.negative_prompt,
                 num_inference_steps=_number(args.steps, int, "--steps"),
-                guidance_scale=_number(args.guidance, float, "--guidance"),
+                **({} if guidance is None else {"guidance_scale": guidance}),
                 seed=_number(args.seed, int, "--seed"),
                 width=_number(args.width, int, "--width"), height=_number(args.height, int, "--height"),
                 **_img2img_kwargs(args))

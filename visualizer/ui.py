@@ -10,6 +10,7 @@ import numpy as np
 
 from . import views
 from .models import ALIASES, EMBEDDED
+from .run import DEFAULT_GUIDANCE
 from .samplers import DEFAULT_SAMPLER, sampler_names
 from .ui_handlers import App, AppConfig
 
@@ -53,7 +54,7 @@ def _settings_controls(default_model: str, allow_any: bool):
         randomize = gr.Button("Random seed", scale=1, min_width=80, elem_id="randomize")
     randomize.click(lambda: int(np.random.randint(0, 2**31 - 1)), None, seed, api_visibility="private")
     steps = gr.Slider(1, 250, value=25, step=1, label="Steps")
-    guidance = gr.Slider(0, 20, value=7.5, step=0.5, label="Guidance scale (CFG)")
+    guidance = gr.Slider(0, 20, value=DEFAULT_GUIDANCE, step=0.5, label="Guidance scale (CFG)")
     with gr.Accordion("Size and model", open=False):
         with gr.Row():
             width = gr.Number(value=0, precision=0, label="Width (0 = model's native)")
