@@ -12,11 +12,10 @@ from collections import Counter
 
 from ..decode import vae_decode
 from ..denoise import generate
-from ..run import Settings
+from ..run import DEFAULT_GUIDANCE, Settings
 from . import scenes
 from PIL import Image
 
-DEFAULT_GUIDANCE = 7.5
 
 
 def held_out_prompts() -> list[tuple[str, tuple[str, str, str]]]:

@@ -2,8 +2,9 @@
 
     python -m visualizer.demo_model.train [--work .cache/demo-train] [--out assets/demo-model]
 
-Stage 1 trains the VAE (reconstruction weighted toward the shapes), stage 2 precomputes latents and
-trains the UNet jointly with a small CLIP text encoder (EMA weights, min-SNR loss, caption dropout).
+Stage 1 trains the VAE (reconstruction weighted toward the shapes), stage 2 precomputes latents (scaled
+to std 0.25) and trains a v-predicting UNet jointly with a small CLIP text encoder (EMA weights, v-loss
+capped at SNR 5, caption dropout).
 Checkpoints land in --work every few hundred steps; rerunning the command resumes where it stopped.
 """
 from __future__ import annotations
@@ -23,6 +24,9 @@ from tqdm import tqdm
 from . import architecture, scenes
 
 
+PREDICTION_TYPE = "v_prediction"  # what the UNet outputs, as SD 2.x-768's does; see loss_weights
+
+
 @dataclass
 class TrainConfig:
     seed: int = 0  # everything (data, init, batches, noise) derives from it
@@ -32,7 +36,8 @@ class TrainConfig:
     vae_batch: int = 16
     vae_lr: float = 1e-3
     shape_weight: float = 20.0  # reconstruction loss weight on pixels that differ from the background
-    unet_steps: int = 3000
+    latent_scale: float = 0.25  # std of the latents the UNet sees (SD uses 1.0 for 64x64 latents); see encode_latents
+    unet_steps: int = 3500
     unet_batch: int = 64
     unet_lr: float = 5e-4
     text_lr: float = 1e-3
@@ -40,7 +45,7 @@ class TrainConfig:
     min_snr_gamma: float = 5.0
     ema_decay: float = 0.999
     checkpoint_every: int = 250
-    eval_every: int = 1000
+    eval_every: int = 500
 
 
 def build_models(cfg: TrainConfig, tokenizer_dir: Path):
@@ -108,8 +113,14 @@ def train_vae(cfg: TrainConfig, vae, images: torch.Tensor, work: Path) -> None:
 
 
 @torch.no_grad()
-def encode_latents(vae, images: torch.Tensor, work: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posterior mean and std of every image, cached; sets the VAE's scaling factor (1 / latent std)."""
+def encode_latents(cfg: TrainConfig, vae, images: torch.Tensor, work: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std of every image (cached), scaled by the VAE's scaling factor, which this sets.
+
+    The scaling factor makes the latents' std `cfg.latent_scale`. Below 1 it shifts the noise schedule
+    toward more noise (as resolution-dependent schedule shifts do): with 16x16 latents at std 1, a shape's
+    colour and place stay readable in x_t up to t = 999, so the model takes them from the starting noise
+    and never learns them from the caption.
+    """
     cache = work / "latents.pt"
     if not cache.exists():
         vae.eval()
@@ -117,11 +128,11 @@ def encode_latents(vae, images: torch.Tensor, work: Path) -> tuple[torch.Tensor,
         for i in tqdm(range(0, len(images), 256), desc="encoding latents"):
             dist = vae.encode(to_unit(images[i:i + 256])).latent_dist
             means.append(dist.mean), stds.append(dist.std)
-        mean, std = torch.cat(means), torch.cat(stds)
-        save(cache, mean=mean, std=std, scaling_factor=float(1.0 / mean.std()))
+        save(cache, mean=torch.cat(means), std=torch.cat(stds))
     state = torch.load(cache)
-    vae.register_to_config(scaling_factor=state["scaling_factor"])
-    return state["mean"] * state["scaling_factor"], state["std"] * state["scaling_factor"]
+    scaling_factor = cfg.latent_scale / float(state["mean"].std())
+    vae.register_to_config(scaling_factor=scaling_factor)
+    return state["mean"] * scaling_factor, state["std"] * scaling_factor
 
 
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
@@ -136,10 +147,20 @@ def encode_text(tokenizer, encoder, captions: list[str]) -> torch.Tensor:
     return encoder(ids)[0]
 
 
+def loss_weights(snr: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Weights on the v-prediction loss: 1 up to SNR `gamma`, then gamma / SNR (min-SNR's cap).
+
+    The v-loss equals (1 + SNR) times the x0-loss, so at high noise every x0 error counts in full.
+    That is where the caption alone must decide the layout; the epsilon loss (x0-loss times SNR)
+    barely sees those errors, and a model trained with it takes colour and place from the noise.
+    """
+    return torch.clamp(gamma / snr, max=1.0)
+
+
 def train_unet(cfg, tokenizer, encoder, vae, unet, items, latents, work: Path) -> None:
     mean, std = latents
     ckpt = work / "unet.pt"
-    noise_scheduler = DDPMScheduler(**architecture.SD_BETAS)
+    noise_scheduler = DDPMScheduler(**architecture.SD_BETAS, prediction_type=PREDICTION_TYPE)
     alphas = noise_scheduler.alphas_cumprod
     opt = torch.optim.AdamW([
         {"params": unet.parameters(), "lr": cfg.unet_lr},
@@ -164,9 +185,9 @@ def train_unet(cfg, tokenizer, encoder, vae, unet, items, latents, work: Path) -
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (cfg.unet_batch,), generator=g)
         pred = unet(noise_scheduler.add_noise(x0, noise, t), t, encode_text(tokenizer, encoder, captions)).sample
-        snr = alphas[t] / (1 - alphas[t])
-        weight = torch.clamp(snr, max=cfg.min_snr_gamma) / snr
-        loss = (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * weight).mean()
+        target = noise_scheduler.get_velocity(x0, noise, t)
+        weight = loss_weights(alphas[t] / (1 - alphas[t]), cfg.min_snr_gamma)
+        loss = (F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3)) * weight).mean()
         for group, peak in zip(opt.param_groups, (cfg.unet_lr, cfg.text_lr)):  # warm up, hold, decay the last 30%
             group["lr"] = peak * min(1.0, (step + 1) / 200, max(0.1, (cfg.unet_steps - step) / (0.3 * cfg.unet_steps)))
         opt.zero_grad(set_to_none=True)
@@ -191,12 +212,12 @@ def train_unet(cfg, tokenizer, encoder, vae, unet, items, latents, work: Path) -
 
 def export(unet, vae, encoder, tokenizer, out: Path):
     """Save a diffusers Stable Diffusion folder (UNet stored in fp16 to keep assets small)."""
-    pipe = architecture.assemble(copy.deepcopy(unet).half(), vae, encoder, tokenizer)
+    pipe = architecture.assemble(copy.deepcopy(unet).half(), vae, encoder, tokenizer, PREDICTION_TYPE)
     pipe.save_pretrained(out)
     (out / "README.md").write_text(
         "The visualizer's embedded model: a tiny latent diffusion model trained from scratch on procedural\n"
         "shape scenes by `python -m visualizer.demo_model.train`. See the project README.\n")
-    return architecture.assemble(unet, vae, encoder, tokenizer)
+    return architecture.assemble(unet, vae, encoder, tokenizer, PREDICTION_TYPE)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -215,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     items, images = dataset(cfg, args.work)
     train_vae(cfg, vae, images, args.work)
     vae.eval()
-    latents = encode_latents(vae, images, args.work)
+    latents = encode_latents(cfg, vae, images, args.work)
     train_unet(cfg, tokenizer, encoder, vae, unet, items, latents, args.work)
     ema = torch.load(args.work / "unet.pt")
     unet.load_state_dict(ema["ema_unet"]), encoder.load_state_dict(ema["ema_encoder"])
