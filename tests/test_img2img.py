@@ -30,8 +30,8 @@ def diffusers_img2img(pipe, sampler, steps, strength, seed=5):
     reference = StableDiffusionImg2ImgPipeline(
         **{**pipe.components, "scheduler": make_scheduler(sampler, pipe.scheduler.config)})
     reference.set_progress_bar_config(disable=True)
-    out = reference(PROMPT, image=init_image(), strength=strength, num_inference_steps=steps, guidance_scale=DEFAULT_GUIDANCE,
-                    generator=torch.Generator().manual_seed(seed), output_type="np")
+    out = reference(PROMPT, image=init_image(), strength=strength, num_inference_steps=steps,
+                    guidance_scale=DEFAULT_GUIDANCE, generator=torch.Generator().manual_seed(seed), output_type="np")
     return out.images[0]
 
 

@@ -17,7 +17,6 @@ from . import scenes
 from PIL import Image
 
 
-
 def held_out_prompts() -> list[tuple[str, tuple[str, str, str]]]:
     """(prompt, (colour, shape, position)) for every held-out triple."""
     out = []
