@@ -1,5 +1,6 @@
 """Launch the denoising visualizer: python app.py [--model M] [--host H] [--port P] [--share] [--auth user:pass]"""
 import argparse
+import logging
 import ipaddress
 import os
 import sys
@@ -32,7 +33,11 @@ def main(argv=None) -> None:
     parser.add_argument("--cache-ttl", type=int, default=3600, help="seconds served files are kept before deletion")
     args = parser.parse_args(argv)
 
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpcore", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     from visualizer.ui import CSS, AppConfig, build
+    from visualizer.ui_handlers import warm_up
 
     public = args.share or not is_loopback(args.host)
     output_dir = args.output_dir.resolve()
@@ -41,6 +46,7 @@ def main(argv=None) -> None:
                            allow_any_model=args.allow_any_model or not public, run_capacity=args.keep_runs,
                            frame_budget_mb=args.frame_cache_mb,
                            cache_ttl=args.cache_ttl))
+    warm_up(args.model)  # the first Generate streams as fast as later ones
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
     if args.auth and len(auth) != 2:
         sys.exit("error: --auth takes user:password")

@@ -1,4 +1,5 @@
-"""The app in a real headless Chromium: generate, scrub, compare, download; screenshots for a person to look at."""
+"""The app in a real headless Chromium, pressed as a person would: every control of the player, the
+settings, the comparison and the downloads; screenshots (SCREENSHOT_DIR) for a person to look at."""
 import os
 import shutil
 import urllib.request
@@ -13,7 +14,7 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SHOTS = Path(os.environ.get("SCREENSHOT_DIR", "")) if os.environ.get("SCREENSHOT_DIR") else None
 
 if not Path(CHROMIUM).exists() and not os.environ.get("CI"):
-    pytest.skip("Debian's chromium is not installed (apt-get install chromium)", allow_module_level=True)
+    pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)", allow_module_level=True)
 
 
 @pytest.fixture(scope="module")
@@ -35,51 +36,228 @@ def browser():
         b.close()
 
 
-def shot(page, name):
+def shot(page, name, full_page=False):
     if SHOTS:
         SHOTS.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+        page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=full_page)
 
 
-def image_src(page, selector):
-    return page.locator(f"{selector} img").first.get_attribute("src")
-
-
-def set_slider(page, elem_id, value):
-    box = page.locator(f"#{elem_id} input[type=number]")
-    box.fill(str(value))
-    box.press("Enter")
-
-
-def test_generate_scrub_compare_download(server, browser, tmp_path):
-    page = browser.new_page(viewport={"width": 1280, "height": 800})
+def open_page(browser, server, width=1280, height=800):
+    page = browser.new_page(viewport={"width": width, "height": height})
     page.goto(server)
-    page.locator("#prompt textarea").fill("a red circle on the left")
+    page.locator("#player .vp-cell img").first.wait_for()
+    return page
+
+
+class Player:
+    """The in-page player of one tab, read and driven through its DOM."""
+
+    def __init__(self, page, elem_id="player"):
+        self.page, self.root = page, f"#{elem_id}"
+        self.range = page.locator(f"{self.root} .vp-range")
+
+    def label(self) -> str:
+        return self.page.locator(f"{self.root} .vp-label").inner_text()
+
+    def status(self) -> str:
+        return self.page.locator(f"{self.root} .vp-status").inner_text()
+
+    def position(self) -> int:
+        return int(self.range.input_value())
+
+    def srcs(self) -> list[str]:
+        return self.page.eval_on_selector_all(f"{self.root} .vp-cell img", "ims => ims.map(i => i.getAttribute('src'))")
+
+    def move(self, value: int) -> None:
+        self.range.fill(str(value))  # sets the value and fires input and change, as a drag does
+
+    def view(self, kind: str) -> None:
+        self.page.locator(f"{self.root} .vp-view").select_option(kind)
+
+    def wait_status(self, words: str, timeout=60000) -> None:
+        self.page.wait_for_function(
+            f"document.querySelector('{self.root} .vp-status')?.innerText.includes({words!r})", timeout=timeout)
+
+
+def generate(page, prompt="a red circle on the left", steps=None):
+    page.locator("#prompt textarea").fill(prompt)
+    if steps is not None:
+        box = page.locator("#steps input[type=number]")
+        box.fill(str(steps))
+        box.press("Enter")
     page.locator("#generate").click()
-    page.wait_for_function("document.querySelector('#status')?.innerText.includes('Done')", timeout=60000)
-    shot(page, "generate-1280")
-    final_src = image_src(page, "#frame")
-    assert final_src
 
-    set_slider(page, "step", 2)
-    page.wait_for_function("document.querySelector('#step-label')?.innerText.includes('Step 2 of 25')", timeout=20000)
-    page.wait_for_function(f"document.querySelector('#frame img')?.src !== {final_src!r}", timeout=20000)
-    step2_src = image_src(page, "#frame")
-    page.wait_for_function("document.querySelector('#convergence-plot img')?.src", timeout=20000)
-    plot_at_2 = image_src(page, "#convergence-plot")
-    set_slider(page, "step", 20)
-    page.wait_for_function("document.querySelector('#step-label')?.innerText.includes('Step 20 of 25')", timeout=20000)
-    page.wait_for_function(f"document.querySelector('#frame img')?.src !== {step2_src!r}", timeout=20000)
-    page.wait_for_function(f"document.querySelector('#convergence-plot img')?.src !== {plot_at_2!r}",
-                           timeout=20000)  # the plot follows the slider
-    shot(page, "scrubbed-1280")
-    page.get_by_role("tab", name="Schedule").click()
-    page.wait_for_function("document.querySelector('#step-numbers')?.innerText.includes('20 / 25')", timeout=20000)
-    page.get_by_role("tab", name="Guidance").click()
-    page.get_by_text("What guidance adds").wait_for(timeout=10000)
-    shot(page, "guidance-1280")
 
-    page.get_by_text("Downloads").click()
+def test_the_page_opens_with_a_run_to_scrub_before_any_click(server, browser):
+    page = open_page(browser, server)
+    player = Player(page)
+    assert player.label().startswith("Step 25 of 25") and "Example:" in player.status()
+    last = player.srcs()[0]
+    page.keyboard.press("Tab")  # no click anywhere: keyboard only
+    player.range.focus()
+    page.keyboard.press("Home")
+    assert player.label().startswith("Step 1 of 25") and player.srcs()[0] != last
+    curve = page.locator("#player .vp-convergence polyline")
+    assert curve.count() == 1  # the convergence panel is filled
+    page.get_by_role("tab", name="Compare samplers").click()
+    grid = Player(page, "c-player")
+    assert len(grid.srcs()) == 4 and all(grid.srcs())
+    shot(page, "opened-compare-1280")
+    page.close()
+
+
+def test_every_player_control_does_what_its_label_says(server, browser):
+    page = open_page(browser, server)
+    player = Player(page)
+    generate(page, steps=12)
+    player.wait_status("Done: 12 steps")
+    assert player.position() == 12 and player.label().startswith("Step 12 of 12")
+    shot(page, "generated-1280")
+
+    seen = set()
+    for step in (1, 6, 12):  # the slider
+        player.move(step)
+        assert player.label().startswith(f"Step {step} of 12")
+        seen.add(player.srcs()[0])
+    assert len(seen) == 3
+    player.range.focus()
+    page.keyboard.press("ArrowLeft")  # arrow keys: one step
+    assert player.position() == 11
+    page.keyboard.press("ArrowRight")
+    assert player.position() == 12
+    page.keyboard.press("Home")
+    assert player.position() == 1
+    page.keyboard.press("End")
+    assert player.position() == 12
+
+    page.locator("#player .vp-speed").select_option("48")  # Play, at a speed, looping, then Pause
+    page.locator("#player .vp-play").click()
+    page.wait_for_timeout(150)
+    assert "Pause" in page.locator("#player .vp-play").inner_text()
+    positions = set()
+    for _ in range(12):
+        positions.add(player.position())
+        page.wait_for_timeout(40)
+    assert len(positions) >= 4  # it moves on its own, and wrapped from the end to step 1 (loop)
+    page.locator("#player .vp-play").click()
+    paused = player.position()
+    page.wait_for_timeout(300)
+    assert player.position() == paused and "Play" in page.locator("#player .vp-play").inner_text()
+
+    page.locator("#player .vp-loop").uncheck()  # without Loop, Play stops at the last step
+    player.move(9)
+    page.locator("#player .vp-play").click()
+    page.wait_for_function("document.querySelector('#player .vp-play').innerText.includes('Play')", timeout=5000)
+    assert player.position() == 12
+
+    player.move(4)
+    for kind in ("x0", "latents", "noise", "xt"):  # every view shows that kind's frame of the step
+        player.view(kind)
+        assert all(f"-{kind}-0004." in src for src in player.srcs()), (kind, player.srcs())
+    player.view("both")
+    srcs = player.srcs()
+    assert len(srcs) == 2 and "-xt-0004." in srcs[0] and "-x0-0004." in srcs[1]
+    shot(page, "both-1280")
+    player.view("xt")
+
+    for tab, check in (("schedule", "#player .vp-mark-line"), ("numbers", "#player .vp-numbers"),
+                       ("change", "#player .vp-change img"), ("convergence", "#player .vp-mark")):
+        page.locator(f"#player .vp-tabs button[data-tab={tab}]").click()
+        assert page.locator(f"#player .vp-panel[data-panel={tab}]").is_visible()
+        before = page.locator(check).first.evaluate("e => e.outerHTML")
+        player.move(2)
+        after = page.locator(check).first.evaluate("e => e.outerHTML")
+        player.move(4)
+        assert before != after, f"the {tab} panel does not follow the slider"
+    assert "4 / 12" in page.locator("#player .vp-numbers").inner_text()
+
+    guidance = page.locator("#guidance img").first  # the server-side panel follows where the slider settles,
+    guidance.scroll_into_view_if_needed()  # while it is on screen
+    page.wait_for_function("document.querySelector('#guidance img')?.src", timeout=20000)
+    before = guidance.get_attribute("src")
+    player.move(1)
+    page.wait_for_function(f"document.querySelector('#guidance img')?.src !== {before!r}", timeout=20000)
+    page.close()
+
+
+def test_slider_moves_make_no_network_requests_once_frames_are_loaded(server, browser):
+    page = open_page(browser, server)
+    player = Player(page)
+    for view in ("xt", "x0", "latents", "noise"):  # every frame of these views loaded once
+        player.view(view)
+        for step in range(1, 26):
+            player.move(step)
+    page.wait_for_timeout(1000)  # the last preloads land
+    requests = []
+    page.on("request", lambda r: requests.append(r.url))
+    for k in range(20):
+        player.move(1 + (k * 7) % 25)
+    page.wait_for_timeout(500)
+    assert requests == [], requests
+    page.close()
+
+
+def test_the_frame_is_not_covered_while_the_run_computes(server, browser):
+    page = open_page(browser, server)
+    player = Player(page)
+    generate(page, steps=300)
+    page.wait_for_function("document.querySelector('#player .vp-status')?.innerText.includes('computing')",
+                           timeout=30000)
+    page.wait_for_timeout(300)
+    box = page.locator("#player .vp-cell img").first.bounding_box()
+    top = page.evaluate(f"document.elementFromPoint({box['x'] + box['width'] / 2}, {box['y'] + box['height'] / 2})"
+                        ".tagName")
+    assert top == "IMG"  # no progress overlay on the frame
+    assert page.locator("#player .vp-bar").is_visible()  # the progress is a slim bar above it
+    first = player.srcs()[0]
+    shot(page, "midrun-1280")
+    page.wait_for_function(f"document.querySelector('#player .vp-cell img').getAttribute('src') !== {first!r}",
+                           timeout=30000)  # frames keep arriving
+    player.move(2)  # finished steps can be scrubbed during the run
+    assert player.label().startswith("Step 2 of 300")
+    page.locator("#stop").click()
+    player.wait_status("Stopped early")
+    assert page.locator("#player .vp-view").input_value() == "x0"  # the best guess so far, and it says so
+    assert "best guess" in player.status()
+    shot(page, "stopped-1280")
+    page.close()
+
+
+def test_layout_fits_one_screen_and_puts_the_frame_first_on_a_phone(server, browser):
+    page = open_page(browser, server)
+    boxes = {name: page.locator(sel).first.bounding_box() for name, sel in
+             [("prompt", "#prompt textarea"), ("generate", "#generate"), ("frame", "#player .vp-cell img"),
+              ("slider", "#player .vp-range"), ("label", "#player .vp-label")]}
+    for name, b in boxes.items():
+        assert b["y"] >= 0 and b["y"] + b["height"] <= 800, f"{name} is not on the first screen: {b}"
+    assert max(boxes["frame"]["width"], boxes["frame"]["height"]) >= 384
+    shot(page, "layout-1280")
+    page.get_by_role("tab", name="Compare samplers").click()
+    size = page.locator("#c-player .vp-cell figcaption").first.evaluate("e => parseFloat(getComputedStyle(e).fontSize)")
+    assert size >= 12
+    page.close()
+    phone = open_page(browser, server, 390, 844)
+    overflow = phone.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
+    assert overflow <= 2, f"page scrolls sideways by {overflow}px on a phone"
+    frame = phone.locator("#player .vp-cell img").first.bounding_box()
+    slider = phone.locator("#player .vp-range").bounding_box()
+    prompt = phone.locator("#prompt textarea").bounding_box()
+    assert frame["y"] < prompt["y"] and slider["y"] < prompt["y"] and slider["y"] + slider["height"] <= 844
+    shot(phone, "phone-390")
+    phone.close()
+
+
+def test_settings_downloads_and_forward_noising(server, browser, tmp_path):
+    page = open_page(browser, server)
+    player = Player(page)
+    seed = page.locator("#randomize").locator("xpath=..").locator("input[type=number]")
+    before = seed.input_value()
+    page.locator("#randomize").click()
+    page.wait_for_function(f"document.querySelector('#randomize').parentElement.querySelector('input').value "
+                           f"!== {before!r}", timeout=5000)
+    generate(page, steps=8)
+    player.wait_status("Done: 8 steps")
+    page.get_by_role("tab", name="Downloads").click()
     page.locator("#dl-gif").click()
     link = page.locator("#download-file a").first
     link.wait_for(timeout=30000)
@@ -87,41 +265,52 @@ def test_generate_scrub_compare_download(server, browser, tmp_path):
     data = urllib.request.urlopen(href if href.startswith("http") else server.rstrip("/") + href).read()
     (tmp_path / "d.gif").write_bytes(data)
     gif = Image.open(tmp_path / "d.gif")
-    assert gif.format == "GIF" and gif.n_frames == 25
-
-    page.get_by_role("tab", name="Compare samplers").click()
-    page.locator("#compare").click()
-    page.wait_for_function("document.querySelector('#c-status')?.innerText.includes('3 samplers')", timeout=60000)
-    full_src = image_src(page, "#grid")
-    set_slider(page, "c-progress", 30)
-    page.wait_for_function(f"document.querySelector('#grid img')?.src !== {full_src!r}", timeout=20000)
-    shot(page, "compare-1280")
+    assert gif.format == "GIF" and gif.n_frames == 8
+    generate(page, steps=5)  # a new run clears the previous run's download
+    player.wait_status("Done: 5 steps")
+    assert page.locator("#download-file a").count() == 0
+    page.get_by_role("tab", name="Forward noising").click()
+    page.locator("#noise-it").click()
+    page.wait_for_function("document.querySelector('#forward-status')?.innerText.includes('5 noise levels')",
+                           timeout=30000)
+    player.view("forward")
+    player.move(1)
+    noisy = player.srcs()[0]
+    player.move(5)
+    assert "-forward-0001." in noisy and player.srcs()[0] != noisy
     page.close()
 
 
-def test_layout_reads_on_a_narrow_screen(server, browser):
-    page = browser.new_page(viewport={"width": 390, "height": 844})
-    page.goto(server)
-    page.locator("#generate").wait_for()
-    overflow = page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
-    assert overflow <= 2, f"page scrolls sideways by {overflow}px on a phone"
-    shot(page, "mobile-390")
+def test_compare_grid_runs_and_its_shared_slider_moves_every_cell(server, browser):
+    page = open_page(browser, server)
+    page.get_by_role("tab", name="Compare samplers").click()
+    grid = Player(page, "c-player")
+    page.locator("#c-prompt textarea").fill("a blue square")
+    page.locator("#compare").click()
+    grid.wait_status("Done: 4 samplers")
+    end = grid.srcs()
+    grid.move(3)
+    moved = grid.srcs()
+    assert len(end) == len(moved) == 4 and all(a != b for a, b in zip(end, moved))
+    captions = page.locator("#c-player .vp-cell figcaption").all_inner_texts()
+    assert [c.split(" · ")[0] for c in captions] == ["Euler", "DDIM", "DPM++ 2M", "Euler a"]
+    shot(page, "compare-1280")
     page.close()
 
 
 def test_img2img_from_an_upload(server, browser, tmp_path):
     Image.new("RGB", (32, 32), (220, 200, 40)).save(tmp_path / "init.png")
-    page = browser.new_page(viewport={"width": 1280, "height": 900})
-    page.goto(server)
+    page = open_page(browser, server, 1280, 900)
+    player = Player(page)
     page.get_by_text("Start from an image (img2img)").click()
     page.locator("#init-image input[type=file]").set_input_files(str(tmp_path / "init.png"))
     page.locator("#init-image img").first.wait_for()
-    set_slider(page, "strength", 0.4)
-    page.locator("#prompt textarea").fill("a red circle on the left")
-    page.locator("#generate").click()
-    page.wait_for_function("document.querySelector('#status')?.innerText.includes('Done')", timeout=60000)
-    status = page.locator("#status").inner_text()
-    assert "10 steps from the init image (strength 0.4: steps 16–25 of the schedule)" in status
-    assert page.locator("#step input[type=number]").input_value() == "10"
+    box = page.locator("#strength input[type=number]")
+    box.fill("0.4")
+    box.press("Enter")
+    generate(page)
+    player.wait_status("Done")
+    assert "10 steps from the init image (strength 0.4: steps 16–25 of the schedule)" in player.status()
+    assert player.position() == 10
     shot(page, "img2img-1280")
     page.close()

@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -55,6 +56,14 @@ def test_run_img2img_from_an_image_file(tiny_model, tmp_path):
 def test_samplers_lists_the_registry():
     result = cli("samplers")
     assert result.returncode == 0 and "DPM++ 2M Karras" in result.stdout and "Heun" in result.stdout
+
+
+def test_installed_commands_work_from_any_folder(tmp_path):
+    """`pip install -r requirements.txt` installs the package: both entry points run outside the repository."""
+    script = Path(sys.executable).parent / "denoising-visualizer"
+    for command in ([sys.executable, "-m", "visualizer", "samplers"], [str(script), "samplers"]):
+        result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+        assert result.returncode == 0 and "DPM++ 2M Karras" in result.stdout, result.stderr
 
 
 @pytest.mark.parametrize("args, words", [

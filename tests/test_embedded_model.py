@@ -11,7 +11,7 @@ from PIL import Image
 from visualizer import api
 from visualizer.demo_model import scenes
 from visualizer.models import EMBEDDED_MODEL_DIR
-from visualizer.run import DEFAULT_GUIDANCE
+from visualizer.run import DEFAULTS
 
 
 def test_it_is_a_diffusers_sd_folder_under_25_mb():
@@ -27,7 +27,7 @@ def test_diffusers_loads_it_and_our_loop_matches_diffusers():
                                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     prompt = "a large red circle in the centre"
-    theirs = pipe(prompt, num_inference_steps=10, guidance_scale=DEFAULT_GUIDANCE,
+    theirs = pipe(prompt, num_inference_steps=10, guidance_scale=DEFAULTS["guidance_scale"],
                   generator=torch.Generator().manual_seed(0), output_type="np").images[0]
     ours = api.run(prompt, sampler="PNDM", num_inference_steps=10, seed=0).final_image
     assert np.abs(ours / 255 - theirs).max() <= 2 / 255

@@ -20,11 +20,11 @@ def test_ssim_is_one_for_identical_images_and_lower_otherwise():
 
 
 def test_distance_at_the_last_step_is_zero(run):
-    metrics = run.info["metrics"]
+    metrics = run.info.metrics
     assert len(metrics) == 8 and metrics[0]["change_from_previous"] is None
     assert metrics[-1]["rmse_xt_to_final"] == 0 and metrics[-1]["ssim_x0_to_final"] > 0.9
     assert metrics[-1]["latent_distance_x0_to_final"] < metrics[0]["latent_distance_x0_to_final"]
-    assert run.info["structure_step"] == structure_step(metrics)
+    assert run.info.structure_step == structure_step(metrics)
 
 
 def test_structure_step_rule():

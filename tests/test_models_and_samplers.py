@@ -24,7 +24,11 @@ def test_each_run_gets_a_fresh_scheduler(tiny_pipe):
     a, b = make_scheduler("DPM++ 2M", tiny_pipe.scheduler.config), make_scheduler("DPM++ 2M", tiny_pipe.scheduler.config)
     assert a is not b and type(a).__name__ == "DPMSolverMultistepScheduler"
     assert make_scheduler("DPM++ 2M Karras", tiny_pipe.scheduler.config).config.use_karras_sigmas
+    # the model's config decides, as in diffusers: SD's (PNDM) config says clip_sample false; a config
+    # without the key gives DDIM its own default, which clips
     assert not make_scheduler("DDIM", tiny_pipe.scheduler.config).config.clip_sample
+    without = {k: v for k, v in tiny_pipe.scheduler.config.items() if k != "clip_sample"}
+    assert make_scheduler("DDIM", without).config.clip_sample
 
 
 def test_aliases_resolve_to_hub_ids():

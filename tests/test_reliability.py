@@ -8,12 +8,14 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from test_app import ROOT, X_T, generate, launch
+from test_app import ROOT, X_T, generate, launch, steps_of
 from visualizer.loadtest import run_load_test
 
 
@@ -66,7 +68,7 @@ def test_files_outside_the_output_folder_are_refused(server, path):
 def test_exports_are_served(server, tiny_model):
     client = client_for(server[0])
     generate(client, tiny_model, steps=3)
-    gif = client.predict(X_T, api_name="/download_gif")
+    gif = client.predict("xt", api_name="/download_gif")
     assert Path(gif).stat().st_size > 0  # downloaded through the file route
 
 
@@ -100,8 +102,7 @@ def test_cancel_halts_the_run_and_the_next_one_starts(server, tiny_model, long_r
     assert job.outputs(), "no live preview arrived"
     job.cancel()
     started = time.time()
-    _, slider, *_ = generate(client_for(url), tiny_model, steps=3)
-    assert slider["maximum"] == 3
+    assert steps_of(generate(client_for(url), tiny_model, steps=3)) == 3
     assert time.time() - started < 0.6 * long_run_seconds  # the cancelled run no longer holds the queue
     assert psutil.Process(process.pid).num_threads() < 200
 
@@ -119,8 +120,8 @@ def test_killed_client_process_frees_the_queue(server, tiny_model, tmp_path, lon
     child.kill()
     child.wait()
     started = time.time()
-    _, slider, *_ = generate(client_for(url), tiny_model, steps=3)
-    assert slider["maximum"] == 3 and time.time() - started < 0.6 * long_run_seconds
+    result = generate(client_for(url), tiny_model, steps=3)
+    assert steps_of(result) == 3 and time.time() - started < 0.6 * long_run_seconds
 
 
 def test_full_queue_says_busy(tiny_model, tmp_path):
@@ -160,7 +161,7 @@ def test_failed_export_write_is_reported(tiny_model, tmp_path):
 
     app = App(AppConfig(output_dir=tmp_path / "out", default_model=tiny_model))
     *_, last = app.generate("a red circle", "", 1, 3, 7.5, "Euler", 0, 0, tiny_model)
-    run_id = next(iter(app.store._runs))
+    run_id = last[2]
     (app.store.folder(run_id) / "denoising.gif").mkdir()  # the file cannot be written
     with pytest.raises(UserError, match="Could not write the gif file"):
         app.download(run_id, "gif", X_T)
@@ -191,12 +192,12 @@ def test_stop_closes_the_generator_within_a_step(tiny_model, tmp_path):
 def test_two_hundred_runs_keep_memory_and_files_bounded(tiny_model, tmp_path):
     from visualizer.ui_handlers import App, AppConfig
 
-    app = App(AppConfig(output_dir=tmp_path / "out", default_model=tiny_model, run_capacity=8))
+    app = App(AppConfig(output_dir=tmp_path / "out", default_model=tiny_model, run_capacity=8, example_dir=None))
     process = psutil.Process()
 
     def one(i):
         *_, last = app.generate("a red circle", "", i, 4, 7.5, "Euler", 0, 0, tiny_model)
-        app.download(next(reversed(app.store._runs)), "gif", X_T)
+        app.download(last[2], "gif", X_T)
 
     for i in range(20):
         one(i)
@@ -206,7 +207,7 @@ def test_two_hundred_runs_keep_memory_and_files_bounded(tiny_model, tmp_path):
     growth = (process.memory_info().rss - baseline) / 2**20
     assert growth < 60, f"memory grew by {growth:.0f} MiB over 180 runs"
     assert len(app.store) == 8
-    assert len(list((tmp_path / "out").iterdir())) <= 8
+    assert len(list((tmp_path / "out").iterdir())) <= 8  # each run's exports and player frames go with it
 
 
 def test_stop_keeps_the_steps_computed_so_far(server, tiny_model):
@@ -216,8 +217,14 @@ def test_stop_keeps_the_steps_computed_so_far(server, tiny_model):
     while not job.outputs() and time.time() < deadline:
         time.sleep(0.05)
     client.predict(api_name="/stop")
-    _, slider, table, status, _ = job.result(timeout=60)
-    assert status.startswith("Stopped early") and 1 <= slider["maximum"] < 250
-    assert len(table["data"]) == slider["maximum"]
-    frame, label = client.predict(slider["maximum"], X_T, api_name="/frame")  # what was computed is there
-    assert label.startswith(f"Step {slider['maximum']} of")
+    _, final, table, status, *_ = job.result(timeout=60)
+    computed = len(table["data"])
+    assert status.startswith("Stopped early") and 1 <= computed < 250
+    assert "x0-hat of step" in status and "best guess" in status  # the result stays, and says what it is
+    x0, _ = client.predict(computed, "x0", api_name="/frame")
+    from visualizer.export import upscale
+
+    final_frame = upscale(np.asarray(Image.open(final).convert("RGB")))
+    assert final_frame.tobytes() == Image.open(x0).convert("RGB").tobytes()  # a stopped run shows its latest x0-hat
+    frame, label = client.predict(computed, X_T, api_name="/frame")  # what was computed is there
+    assert label.startswith(f"Step {computed} of")

@@ -30,3 +30,15 @@ def test_runs_beyond_capacity_expire_with_their_export_folder(tiny_model, tmp_pa
     with pytest.raises(RunExpired, match="Generate it again"):
         store.get(first)
     assert not (tmp_path / first).exists()
+
+
+def test_pinned_runs_stay_and_keep_their_frames(tiny_model, tmp_path):
+    """The example the page opens with is pinned: never evicted, its frames never dropped (it may have no
+    latents to re-decode them from)."""
+    run = api.run("a red circle", model=tiny_model, num_inference_steps=2)
+    store = RunStore(tmp_path, capacity=1, frame_budget=1)
+    example = store.add([api.run("a blue square", model=tiny_model, num_inference_steps=2)], pinned=True)
+    for _ in range(3):
+        store.add([run])
+    assert example in store and store.get(example)[0].frames["xt"]
+    assert len(store) == 2  # the pinned one and the newest

@@ -1,58 +1,119 @@
-"""The Python API: one call per job, used by the CLI, the app and notebooks alike."""
+"""The Python API: one `Settings` in, step events and then the decoded `Run` out.
+
+    from visualizer import Settings, api
+    for item in api.stream(Settings(prompt="a large red circle in the centre")):
+        ...  # StepUpdate per finished step (with a live preview on demand), then the Run
+
+The CLI, the app, the bench and notebooks all go through here; only this module wires the loop, the
+decoders and the insight metrics together.
+"""
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
 
-from .decode import StreamingDecoder
-from .insight import attach_metrics
-from .denoise import StepCallback, generate_many
-from .models import load_pipeline
-from .run import DEFAULT_GUIDANCE, Run, Settings
+import numpy as np
+
+from . import insight
+from .decode import LivePreview, Preview, StreamingDecoder, decode_run
+from .denoise import StepCallback, StepEvent, denoise_steps
+from .errors import SettingsError
+from .models import EMBEDDED, load_pipeline
+from .run import FRAME_KINDS, Run, Settings
 
 
-def run(prompt: str, *, sampler: str = "Euler", model: str = "embedded", num_inference_steps: int = 25,
-        guidance_scale: float = DEFAULT_GUIDANCE, seed: int = 0, width: int | None = None, height: int | None = None,
-        negative_prompt: str = "", init_image=None, strength: float = 1.0, decode: bool = True,
-        callback: StepCallback | None = None, should_stop: Callable[[], bool] | None = None,
-        decoder: StreamingDecoder | None = None) -> Run:
-    """Generate, capture every step and (by default) decode its x_t and x0-hat frames through the VAE.
+@dataclass
+class StepUpdate:
+    """One finished step of a running generation."""
+    event: StepEvent  # the step, its latents and x0-hat (on the model's device)
+    frames: dict[int, dict[str, list[np.ndarray]]]  # exact frames decoded so far: sampler index -> kind -> frames
+    _live: LivePreview | None = None
 
-    With `init_image` (PIL image or uint8 array) it is img2img: only the last `strength` of the schedule
-    runs, starting from the image's latents noised to that point.
+    def preview(self, kind: str = "x0") -> Preview | None:
+        """The newest exact frame of `kind` for this sampler, else a cheap preview (computed on demand)."""
+        return self._live(self.event, kind) if self._live is not None else None
+
+
+def _settings(settings: Settings | str, changes: dict) -> Settings:
+    if isinstance(settings, str):
+        return Settings(prompt=settings, **changes)
+    return dataclasses.replace(settings, **changes) if changes else settings
+
+
+def stream(settings: Settings, samplers: Sequence[str] | None = None, *, should_stop: Callable[[], bool] | None = None,
+           frames: Sequence[str] = FRAME_KINDS) -> Iterator[StepUpdate | Run | list[Run]]:
+    """Generate, yielding a StepUpdate after every finished step, then the Run (or, with `samplers`, the list
+    of Runs, one per sampler in lockstep on the same noise).
+
+    Every step's `frames` (x_t and x0-hat; () for none) are VAE-decoded in batches as the steps finish, and
+    the runs end with their frames, final image and (with both kinds) convergence metrics. `should_stop` ends the loop early, keeping
+    the steps computed so far; closing the generator halts it at once.
     """
-    return compare(prompt, [sampler], model=model, num_inference_steps=num_inference_steps,
-                   guidance_scale=guidance_scale, seed=seed, width=width, height=height,
-                   negative_prompt=negative_prompt, init_image=init_image, strength=strength, decode=decode,
-                   callback=callback, should_stop=should_stop, decoder=decoder)[0]
+    settings_list = [settings] if samplers is None else [dataclasses.replace(settings, sampler=n) for n in samplers]
+    for s in settings_list:
+        s.validate()
+    pipe = load_pipeline(settings.model)
+    decoder = StreamingDecoder(pipe.vae, tuple(frames)) if frames else None
+    live = LivePreview(pipe, decoder, use_taesd=settings.model != EMBEDDED) if decoder else None
+    steps = denoise_steps(settings_list, pipe, should_stop)
+    try:
+        while True:
+            try:
+                event = next(steps)
+            except StopIteration as finished:
+                runs = finished.value
+                break
+            if decoder is not None:
+                decoder(event)
+            yield StepUpdate(event, decoder.frames if decoder else {}, live)
+    finally:
+        steps.close()
+    if decoder is not None:
+        decoder.finish(runs)
+        for r in runs:
+            insight.attach_metrics(r)
+    yield runs if samplers is not None else runs[0]
 
 
-def compare(prompt: str, samplers: Sequence[str], *, model: str = "embedded", num_inference_steps: int = 25,
-            guidance_scale: float = DEFAULT_GUIDANCE, seed: int = 0, width: int | None = None, height: int | None = None,
-            negative_prompt: str = "", init_image=None, strength: float = 1.0, decode: bool = True,
-            callback: StepCallback | None = None, should_stop: Callable[[], bool] | None = None,
-            decoder: StreamingDecoder | None = None) -> list[Run]:
-    """Several samplers on the same prompt, seed and initial noise, run in lockstep (one UNet batch per round).
+def _consume(items, callback: StepCallback | None):
+    for item in items:
+        if isinstance(item, StepUpdate):
+            if callback is not None:
+                callback(item.event)
+        else:
+            return item
 
-    With `decode`, every step's x_t and x0-hat are VAE-decoded in batches as the steps finish (pass your
-    own `decoder` to read its newest frames during the run).
+
+def run(settings: Settings | str, *, callback: StepCallback | None = None,
+        should_stop: Callable[[], bool] | None = None, frames: Sequence[str] = FRAME_KINDS, **changes) -> Run:
+    """Generate one run, capture every step and decode its `frames` (x_t and x0-hat by default).
+
+    `settings` may be a prompt, with any Settings field as a keyword: `run("a red circle", sampler="DDIM")`.
     """
-    if not samplers:
-        raise ValueError("Pick at least one sampler.")
-    settings = [Settings(prompt=prompt, negative_prompt=negative_prompt, model=model, sampler=name,
-                         num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed,
-                         width=width, height=height, strength=strength).validate() for name in samplers]
-    pipe = load_pipeline(model)
-    if not decode:
-        return generate_many(settings, pipe, callback=callback, should_stop=should_stop, init_image=init_image)
-    decoder = decoder or StreamingDecoder(pipe.vae)
+    return _consume(stream(_settings(settings, changes), should_stop=should_stop, frames=frames), callback)
 
-    def on_step(event):
-        decoder(event)
-        if callback is not None:
-            callback(event)
 
-    runs = generate_many(settings, pipe, callback=on_step, should_stop=should_stop, init_image=init_image)
-    decoder.finish(runs)
-    for r in runs:
-        attach_metrics(r)
-    return runs
+def compare(settings: Settings | str, samplers: Sequence[str], *, callback: StepCallback | None = None,
+            should_stop: Callable[[], bool] | None = None, frames: Sequence[str] = FRAME_KINDS, **changes) -> list[Run]:
+    """Several samplers on the same settings and initial noise, in lockstep (one UNet batch per round)."""
+    return _consume(stream(_settings(settings, changes), list(samplers), should_stop=should_stop, frames=frames),
+                    callback)
+
+
+def redecode(run: Run) -> None:
+    """Restore a run's frames (and final image) from its latents through its model's VAE."""
+    decode_run(run, load_pipeline(run.settings.model).vae)
+
+
+def forward_noising(run: Run, image: np.ndarray | None = None) -> list[np.ndarray]:
+    """q(x_t | x_0) at the run's noise levels of `image` (default: the run's final image), one frame per step."""
+    source = image if image is not None else run.final_image
+    if source is None:
+        raise SettingsError("This run was stopped before its final image: give an image to noise.")
+    return insight.forward_noising(run, source, load_pipeline(run.settings.model).vae)
+
+
+def guidance_breakdown(run: Run, index: int) -> dict[str, np.ndarray] | None:
+    """What step `index` (0-based) predicts without the prompt, with it, and what guidance adds (insight)."""
+    return insight.guidance_breakdown(run, index, load_pipeline(run.settings.model).vae)

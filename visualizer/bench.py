@@ -21,10 +21,10 @@ import numpy as np
 import torch
 
 from . import api, views
-from .decode import StreamingDecoder, latent_preview, latent_rgb_factors, vae_decode
+from .decode import latent_preview, latent_rgb_factors, vae_decode
 from .export import prepare, save_gif, save_mp4
 from .models import load_pipeline
-from .run import DEFAULT_GUIDANCE
+from .run import DEFAULTS
 from .samplers import make_scheduler
 
 PROMPT = "a large red circle in the centre"
@@ -65,7 +65,7 @@ def measure_model(model: str, size: int | None, steps: int, repeats: int) -> dic
     pipe = load_pipeline(model)
     scheduler = make_scheduler("Euler", pipe.scheduler.config)
     pipe.scheduler = scheduler
-    kwargs = dict(num_inference_steps=steps, guidance_scale=DEFAULT_GUIDANCE, height=size, width=size)
+    kwargs = dict(num_inference_steps=steps, guidance_scale=DEFAULTS["guidance_scale"], height=size, width=size)
     generator = lambda: torch.Generator("cpu").manual_seed(0)  # noqa: E731
 
     def plain():
@@ -83,13 +83,13 @@ def measure_model(model: str, size: int | None, steps: int, repeats: int) -> dic
     def ours_final():
         """The visualizer's loop (capturing everything) with a live latent preview every step, then the final decode."""
         run = api.run(PROMPT, model=model, sampler="Euler", num_inference_steps=steps, width=size, height=size,
-                      decode=False, callback=lambda e: latent_preview(e.x0, *factors))
+                      frames=(), callback=lambda e: latent_preview(e.x0, *factors))
         vae_decode(pipe.vae, run.tensors["latents"][-1:])
 
     def ours_frames(kinds):
         """Until every step's frame of `kinds` exists (decoded in batches as the steps finish)."""
         marks["run"] = api.run(PROMPT, model=model, sampler="Euler", num_inference_steps=steps, width=size,
-                               height=size, decoder=StreamingDecoder(pipe.vae, kinds=kinds))
+                               height=size, frames=kinds)
 
     plain(), naive(), ours_final(), ours_frames(("xt",))  # warm up
     rows = {"plain": [], "naive": [], "ours_final_image": [], "ours_xt_frames": [], "ours_xt_and_x0_frames": []}
@@ -104,7 +104,7 @@ def measure_model(model: str, size: int | None, steps: int, repeats: int) -> dic
     result["ours_xt_over_naive"] = result["ours_xt_frames"] / result["naive"]
     result["ours_xt_x0_over_naive"] = result["ours_xt_and_x0_frames"] / result["naive"]
     grid = statistics.median(_timed(lambda: api.compare(PROMPT, GRID_SAMPLERS, model=model, num_inference_steps=steps,
-                                                         width=size, height=size, decode=False)) for _ in range(repeats))
+                                                         width=size, height=size, frames=())) for _ in range(repeats))
     def sequential_plain() -> float:
         total = 0.0
         for name in GRID_SAMPLERS:

@@ -8,6 +8,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from .errors import SettingsError, VisualizerError, user_message
+from .run import Settings
+
 FORMATS = ("gif", "mp4", "webp", "zip", "sheet")
 
 
@@ -17,14 +20,15 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_generation_options(p: argparse.ArgumentParser) -> None:
+    """Flags for every Settings field; an absent flag takes the Settings default."""
     p.add_argument("--prompt", required=True)
-    p.add_argument("--negative-prompt", default="")
-    p.add_argument("--model", default="embedded", help="embedded (default), sd15, sd21, sd-turbo, a folder or a hub id")
-    p.add_argument("--steps", default="25", help="sampler steps")
-    p.add_argument("--guidance", help="classifier-free guidance scale (default: run.DEFAULT_GUIDANCE, 5.0)")
-    p.add_argument("--seed", default="0")
-    p.add_argument("--width", default=None)
-    p.add_argument("--height", default=None)
+    p.add_argument("--negative-prompt")
+    p.add_argument("--model", help="embedded (default), sd15, sd21, sd-turbo, a folder or a hub id")
+    p.add_argument("--steps", help="sampler steps (default 25)")
+    p.add_argument("--guidance", help="classifier-free guidance scale (default 5.0)")
+    p.add_argument("--seed", help="default 0")
+    p.add_argument("--width", help="pixels (default: the model's native size)")
+    p.add_argument("--height", help="pixels (default: the model's native size)")
     p.add_argument("--init-image", type=Path, default=None, help="img2img: start from this image")
     p.add_argument("--strength", default=None, help="img2img: share of the schedule to run (default 0.8)")
     p.add_argument("--view", choices=("xt", "x0", "both"), default="xt", help="frames shown in animations")
@@ -41,13 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m visualizer", description="See how a diffusion model turns noise into an image.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = sub.add_parser("run", help="generate one run and write every step's frames")
-    p.add_argument("--sampler", default="Euler")
+    p.add_argument("--sampler", help="default Euler; see `samplers`")
     _add_generation_options(p)
     _add_format_flags(p)
     p = sub.add_parser("compare", help="several samplers, same seed and noise, side by side")
     p.add_argument("--samplers", required=True, help='comma-separated, e.g. "Euler,DDIM,DPM++ 2M"')
     _add_generation_options(p)
     p.add_argument("--mp4", action="store_true", help="also write grid.mp4")
+    p.add_argument("--runs-only", action="store_true", help="write only the run folders (no grid or plots)")
     sub.add_parser("samplers", help="list the sampler names")
     p = sub.add_parser("export", help="re-export a saved run folder without regenerating")
     p.add_argument("rundir", type=Path)
@@ -65,37 +70,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _number(text, kind, label):
-    if text is None:
-        return None
     try:
         return kind(text)
     except ValueError:
-        raise ValueError(f"{label} must be a {'whole number' if kind is int else 'number'}, got {text!r}.") from None
+        raise SettingsError(f"{label} must be a {'whole number' if kind is int else 'number'}, got {text!r}.") from None
 
 
-def _generation_kwargs(args) -> dict:
-    guidance = _number(args.guidance, float, "--guidance")
-    return dict(model=args.model, negative_prompt=args.negative_prompt,
-                num_inference_steps=_number(args.steps, int, "--steps"),
-                **({} if guidance is None else {"guidance_scale": guidance}),
-                seed=_number(args.seed, int, "--seed"),
-                width=_number(args.width, int, "--width"), height=_number(args.height, int, "--height"),
-                **_img2img_kwargs(args))
+FLAGS = {  # Settings field -> (flag, parser)
+    "negative_prompt": ("negative_prompt", str), "model": ("model", str), "sampler": ("sampler", str),
+    "num_inference_steps": ("steps", int), "guidance_scale": ("guidance", float), "seed": ("seed", int),
+    "width": ("width", int), "height": ("height", int), "strength": ("strength", float),
+}
 
 
-def _img2img_kwargs(args) -> dict:
-    if args.init_image is None:
-        if args.strength is not None:
-            raise ValueError("--strength applies to img2img: give an --init-image too.")
-        return {}
-    from PIL import Image, UnidentifiedImageError
+def settings_from_args(args) -> Settings:
+    """The run's Settings: the flags given, Settings defaults for the rest."""
+    given = {}
+    for name, (flag, kind) in FLAGS.items():
+        text = getattr(args, flag, None)
+        if text is not None:
+            given[name] = text if kind is str else _number(text, kind, "--" + flag.replace("_", "-"))
+    if args.init_image is not None:
+        from PIL import Image, UnidentifiedImageError
 
-    try:
-        image = Image.open(args.init_image).convert("RGB")
-    except (OSError, UnidentifiedImageError) as error:
-        raise ValueError(f"Could not read the init image {args.init_image}: {error}") from None
-    strength = _number(args.strength, float, "--strength")
-    return dict(init_image=image, strength=0.8 if strength is None else strength)
+        try:
+            given["init_image"] = Image.open(args.init_image).convert("RGB")
+        except (OSError, UnidentifiedImageError) as error:
+            raise SettingsError(f"Could not read the init image {args.init_image}: {error}") from None
+    elif "strength" in given:
+        raise SettingsError("--strength applies to img2img: give an --init-image too.")
+    return Settings(prompt=args.prompt, **given).validate()
 
 
 class _Progress:
@@ -122,17 +126,17 @@ def cmd_run(args) -> None:
     from . import api
     from .export import export_run
 
-    kwargs = _generation_kwargs(args)
-    progress = _Progress(1, args.sampler)
+    settings = settings_from_args(args)
+    progress = _Progress(1, settings.sampler)
     try:
-        result = api.run(args.prompt, sampler=args.sampler, callback=progress, **kwargs)
+        result = api.run(settings, callback=progress)
     finally:
         progress.close()
     _warn_truncation(result)
     result.save(args.out)
     write_plots([result], args.out, schedule=True)
     written = export_run(result, args.out, [f for f in FORMATS if getattr(args, f)], view=args.view, fps=args.fps)
-    structure = result.info.get("structure_step")
+    structure = result.info.structure_step
     print(f"{len(result)} steps -> {args.out}/ (run.json, frames/, final.png, convergence.png, schedule.png"
           f"{''.join(', ' + p.name for p in written.values())}); structure appears at step {structure}")
 
@@ -153,15 +157,18 @@ def cmd_compare(args) -> None:
     from .export import export_grid
 
     samplers = [s.strip() for s in args.samplers.split(",") if s.strip()]
-    kwargs = _generation_kwargs(args)
+    settings = settings_from_args(args)
     progress = _Progress(len(samplers), "lockstep")
     try:
-        runs = api.compare(args.prompt, samplers, callback=progress, **kwargs)
+        runs = api.compare(settings, samplers, callback=progress)
     finally:
         progress.close()
     _warn_truncation(runs[0])
     for r in runs:
         r.save(args.out / slug(r.settings.sampler))
+    if args.runs_only:
+        print(f"{len(runs)} samplers -> {args.out}/ (one run folder per sampler)")
+        return
     export_grid(runs, args.out, ["png", "gif"] + (["mp4"] if args.mp4 else []), view=args.view, fps=args.fps)
     write_plots(runs, args.out)
     print(f"{len(runs)} samplers -> {args.out}/ (grid.png, grid.gif, convergence.png, one folder per sampler)")
@@ -193,30 +200,30 @@ def cmd_bench(args) -> None:
 
 
 def _warn_truncation(run) -> None:
-    if run.info.get("truncated"):
-        print(f"warning: the prompt is longer than {run.info['token_limit']} tokens; "
-              f"ignored: {run.info['dropped_text']!r}", file=sys.stderr)
+    if run.info.truncated:
+        print(f"warning: the prompt is longer than {run.info.token_limit} tokens; "
+              f"ignored: {run.info.dropped_text!r}", file=sys.stderr)
 
 
 COMMANDS = {"run": cmd_run, "compare": cmd_compare, "samplers": cmd_samplers, "export": cmd_export, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .denoise import NonFiniteError
-    from .models import ModelLoadError
-
     args = build_parser().parse_args(argv)
     try:
         COMMANDS[args.command](args)
-    except (ValueError, ModelLoadError, NonFiniteError, FileNotFoundError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2 if isinstance(error, ValueError) else 1
-    except (MemoryError, RuntimeError) as error:  # torch.OutOfMemoryError is a RuntimeError
-        if not isinstance(error, MemoryError) and "out of memory" not in str(error).lower():
-            raise
-        print("error: out of memory: try a smaller size, fewer samplers or fewer steps", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except (VisualizerError, OSError, MemoryError, RuntimeError) as error:
+        message = user_message(error) or (f"{error}" if isinstance(error, OSError) else None)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2 if isinstance(error, SettingsError) else 1
     return 0
+
+
+def entry() -> None:
+    """The `denoising-visualizer` console script."""
+    sys.exit(main())

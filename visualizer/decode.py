@@ -3,11 +3,14 @@
 - `vae_decode`: the exact frame, through the model's own VAE (batched, fp32).
 - `latent_preview`: a cheap linear latent -> RGB approximation, for live previews only.
 - `load_taesd`: the tiny TAESD decoder when its weights are on this machine (previews, labelled so).
+- `StreamingDecoder`: exact frames of every step, decoded in batches while the run goes.
+- `LivePreview`: what to show during a run: the newest exact frame, else a TAESD or latent-colour preview.
 """
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -150,5 +153,49 @@ def decode_run(run, vae, kinds: tuple[str, ...] = ("xt", "x0"), batch_size: int 
     for kind in kinds:
         if kind not in run.frames or len(run.frames[kind]) != len(run):
             run.frames[kind] = list(vae_decode(vae, run.tensors[kind], batch_size))
-    if len(run) and not run.info.get("stopped"):
+    if len(run) and not run.info.stopped:
         run.final_image = run.frames["xt"][-1] if "xt" in run.frames else vae_decode(vae, run.tensors["latents"][-1:])[0]
+
+
+@dataclass
+class Preview:
+    image: np.ndarray  # uint8 HxWx3
+    step: int  # the step it shows (1-based)
+    label: str  # what it is: "exact VAE decode", "TAESD preview", ...
+
+    @property
+    def exact(self) -> bool:
+        return self.label == EXACT
+
+
+EXACT = "exact VAE decode"
+_TAESD: dict = {}
+
+
+def _taesd(device):
+    """TAESD on `device`, loaded once per process (None where its weights are absent)."""
+    if device not in _TAESD:
+        _TAESD[device] = load_taesd(device)
+    return _TAESD[device]
+
+
+class LivePreview:
+    """x0-hat during a run: the newest exact frame the StreamingDecoder has, or until its first batch, a cheap
+    preview: TAESD for SD models where its weights are on this machine, else the linear latent -> RGB fit."""
+
+    def __init__(self, pipe, decoder: StreamingDecoder, use_taesd: bool = True):
+        self.decoder = decoder
+        taesd = _taesd(pipe.unet.device) if use_taesd else None
+        if taesd is not None:
+            scaling = pipe.vae.config.scaling_factor
+            self._cheap = lambda x0: (taesd_decode(taesd, x0, scaling)[0], "TAESD preview")
+        else:
+            factors = latent_rgb_factors(pipe.config.get("_name_or_path"))
+            self._cheap = lambda x0: (latent_preview(x0, *factors)[0], "approximate preview (latent colours)")
+
+    def __call__(self, event, kind: str = "x0") -> Preview:
+        latest = self.decoder.latest(event.sampler_index, kind)
+        if latest is not None:
+            return Preview(latest[1], latest[0], EXACT)
+        image, label = self._cheap(getattr(event, kind))
+        return Preview(image, event.step.index, label)

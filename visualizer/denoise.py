@@ -12,9 +12,12 @@ A "step" is one update of the sampler from one noise level to the next. Heun and
 model evaluations on it; the step's timestep, sigma, x0-hat and noise prediction come from its
 first evaluation (at the step's start), its latents from after the update.
 
-img2img (an init image and a strength below 1) works as in `StableDiffusionImg2ImgPipeline`: the
-image is VAE-encoded, noised to the schedule's timestep at `1 - strength` of the way through, and
-only the remaining steps run; they are captured like any other run's.
+img2img (`Settings.init_image`) works as in `StableDiffusionImg2ImgPipeline`: the image is
+VAE-encoded, noised to the schedule's timestep at `1 - strength` of the way through, and only the
+remaining steps run; they are captured like any other run's.
+
+`denoise_steps` is the loop as a generator: it yields a `StepEvent` after every completed step and
+returns the runs, so a caller (api.stream) can show each step and stop the loop by closing it.
 """
 from __future__ import annotations
 
@@ -22,30 +25,28 @@ import inspect
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Generator
 
 import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
+from .errors import NonFiniteError, SettingsError
 from .models import load_pipeline, resolve
-from .run import Run, Settings, Step
-from .samplers import make_scheduler
-
-
-class NonFiniteError(RuntimeError):
-    """The model produced NaN or infinite values."""
+from .run import Img2ImgInfo, Run, RunInfo, Settings, Step
+from .samplers import make_scheduler, x0_clip_range
 
 
 @dataclass
 class StepEvent:
-    """What a callback gets after each completed step of one sampler."""
+    """What the loop hands out after each completed step of one sampler."""
     sampler_index: int  # which of the runs in a lockstep batch
     step: Step
     latents: torch.Tensor  # [1, C, h, w] on the model's device, raw scheduler latents after the step
     xt: torch.Tensor  # the same latents in the model-input (variance-preserving) scale
     x0: torch.Tensor  # predicted clean latents at the step's start
+    eps: torch.Tensor  # the guided noise prediction at the step's start
     total_steps: int  # steps this sampler will run in all (fewer than the schedule's for img2img)
 
 
@@ -56,13 +57,13 @@ StepCallback = Callable[[StepEvent], None]
 class _Pending:
     """One step being assembled across its model evaluations."""
     timestep: float
-    sigma: torch.Tensor
+    sigma: float
     x_in: torch.Tensor
-    evaluations: int = 0
-    x0: torch.Tensor | None = None
-    eps: torch.Tensor | None = None
+    x0: torch.Tensor
+    eps: torch.Tensor
     eps_cond: torch.Tensor | None = None
     eps_uncond: torch.Tensor | None = None
+    evaluations: int = 0
 
 
 @dataclass
@@ -72,8 +73,8 @@ class _SamplerLoop:
     scheduler: object
     latents: torch.Tensor
     generator: torch.Generator
-    prediction_type: str
     do_cfg: bool
+    skipped_steps: int = 0  # img2img: schedule steps before the start (their noise comes from the image)
     timesteps: list[float] = field(default_factory=list)
     position: int = 0  # index of the next model evaluation
     pending: _Pending | None = None
@@ -82,12 +83,14 @@ class _SamplerLoop:
     x_in: torch.Tensor | None = None
     sigma_space: bool = False  # latents scaled like x0 + sigma * eps (Euler family)
     step_kwargs: dict = field(default_factory=dict)
-    skipped_steps: int = 0  # img2img: schedule steps before the start (their noise comes from the image)
+    evaluations: int = 0
 
     def __post_init__(self):
         self.timesteps = [float(t) for t in self.scheduler.timesteps.cpu()]
         self.position = self.start
         self.sigma_space = abs(float(self.scheduler.init_noise_sigma) - 1.0) > 1e-6
+        self.prediction_type = self.scheduler.config.prediction_type
+        self.clip_range = x0_clip_range(self.scheduler)
         accepted = set(inspect.signature(self.scheduler.step).parameters)
         if "eta" in accepted:
             self.step_kwargs["eta"] = 0.0
@@ -113,17 +116,19 @@ class _SamplerLoop:
         self.x_in = self.scheduler.scale_model_input(self.latents, t)
         return self.x_in, t
 
-    def _sigma(self, t: torch.Tensor) -> torch.Tensor:
-        """Noise level of the current model input, without a device sync."""
-        device = self.latents.device
+    def _input_scale(self, t: torch.Tensor) -> float:
+        """The factor scale_model_input applies at timestep `t` (computed on the CPU: no device sync)."""
+        return float(self.scheduler.scale_model_input(torch.ones(1), t)[0])
+
+    def _sigma(self, t: torch.Tensor) -> float:
+        """Noise level of the current model input."""
         if self.sigma_space:
-            c_in = self.scheduler.scale_model_input(torch.ones(1, device=device), t)
-            return torch.sqrt(torch.clamp(1.0 / c_in.float() ** 2 - 1.0, min=0.0))[0]
+            return math.sqrt(max(1.0 / self._input_scale(t) ** 2 - 1.0, 0.0))
         sigmas = getattr(self.scheduler, "sigmas", None)
         if sigmas is not None and len(sigmas) == len(self.timesteps) + 1:
-            return sigmas[self.position].float().to(device)
+            return float(sigmas[self.position])
         abar = float(self.scheduler.alphas_cumprod[int(self.timesteps[self.position])])
-        return torch.tensor(math.sqrt((1 - abar) / abar), device=device)
+        return math.sqrt((1 - abar) / abar)
 
     def advance(self, model_output: torch.Tensor, cond: torch.Tensor | None, uncond: torch.Tensor | None):
         """Feed one evaluation's guided output; return the Step if it completed one."""
@@ -131,12 +136,14 @@ class _SamplerLoop:
         if self.pending is None:
             sigma = self._sigma(t)
             x0, eps = predictions(self.x_in, model_output, sigma, self.prediction_type)
+            if self.clip_range is not None:  # what the sampler itself uses (clip_sample)
+                x0 = x0.clamp(-self.clip_range, self.clip_range)
             if cond is not None:  # noise predictions whatever the model outputs (v models output v)
                 cond = predictions(self.x_in, cond, sigma, self.prediction_type)[1]
                 uncond = predictions(self.x_in, uncond, sigma, self.prediction_type)[1]
-            self.pending = _Pending(self.timesteps[self.position], sigma, self.x_in, x0=x0, eps=eps,
-                                    eps_cond=cond, eps_uncond=uncond)
+            self.pending = _Pending(self.timesteps[self.position], sigma, self.x_in, x0, eps, cond, uncond)
         self.pending.evaluations += 1
+        self.evaluations += 1
         self.latents = self.scheduler.step(model_output, t, self.latents, **self.step_kwargs, return_dict=False)[0]
         self.position += 1
         if not self._completed_step():
@@ -153,33 +160,32 @@ class _SamplerLoop:
 
     def _finish_step(self) -> Step:
         pending, self.pending = self.pending, None
-        scale = torch.ones((), device=self.latents.device)  # alpha-space latents, and sigma 0 at the end
+        scale = 1.0  # alpha-space latents, and sigma 0 at the end
         if self.sigma_space and not self.done:
-            scale = self.scheduler.scale_model_input(torch.ones(1, device=self.latents.device),
-                                                     self.scheduler.timesteps[self.position])[0]
+            scale = self._input_scale(self.scheduler.timesteps[self.position])
         record = {"latents": self.latents, "xt": self.latents * scale, "x0": pending.x0, "eps": pending.eps,
-                  "x_in": pending.x_in, "sigma": pending.sigma.reshape(1)}
+                  "x_in": pending.x_in}
         if pending.eps_cond is not None:
             record.update(eps_cond=pending.eps_cond, eps_uncond=pending.eps_uncond)
         for key, value in record.items():
             self.captured.setdefault(key, []).append(value)
         index = len(self.steps) + 1
-        step = Step(index=index, timestep=pending.timestep, sigma=float("nan"), noise_share=float("nan"),
+        step = Step(index=index, timestep=pending.timestep, sigma=pending.sigma,
                     progress=(self.skipped_steps + index) / self.settings.num_inference_steps,
                     evaluations=pending.evaluations)
         self.steps.append(step)
         return step
 
 
-def predictions(x_in: torch.Tensor, output: torch.Tensor, sigma: torch.Tensor, prediction_type: str):
+def predictions(x_in: torch.Tensor, output: torch.Tensor, sigma, prediction_type: str):
     """(x0-hat, eps) from a model output, for a model input x_in = (x0 + sigma * eps) / sqrt(1 + sigma^2)."""
-    alpha = 1.0 / torch.sqrt(1.0 + sigma ** 2)
+    alpha = 1.0 / math.sqrt(1.0 + float(sigma) ** 2)
     if prediction_type == "epsilon":
-        return x_in / alpha - sigma * output, output
+        return x_in / alpha - float(sigma) * output, output
     if prediction_type == "v_prediction":  # v = alpha * eps - sigma_vp * x0, sigma_vp = alpha * sigma
-        sigma_vp = alpha * sigma
+        sigma_vp = alpha * float(sigma)
         return alpha * x_in - sigma_vp * output, sigma_vp * x_in + alpha * output
-    raise ValueError(f"Unsupported prediction type {prediction_type!r} (epsilon and v_prediction are).")
+    raise SettingsError(f"Unsupported prediction type {prediction_type!r} (epsilon and v_prediction are).")
 
 
 def _prompt_info(pipe, prompt: str) -> dict:
@@ -188,30 +194,39 @@ def _prompt_info(pipe, prompt: str) -> dict:
     limit = tokenizer.model_max_length
     kept = ids[: limit - 1] + ([ids[-1]] if len(ids) > limit else [])
     dropped = tokenizer.decode(ids[limit - 1:-1]).strip() if len(ids) > limit else ""
-    return {"tokens": len(ids), "token_limit": limit, "truncated": bool(dropped), "dropped_text": dropped,
+    return {"tokens": len(ids), "token_limit": limit, "dropped_text": dropped,
             "token_strings": tokenizer.convert_ids_to_tokens(kept)}
 
 
-def generate_many(settings_list: list[Settings], pipe=None, callback: StepCallback | None = None,
-                  should_stop: Callable[[], bool] | None = None, init_image=None) -> list[Run]:
-    """Run several samplers in lockstep on one prompt, seed and size; one Run each, same initial noise.
+SHARED_SETTINGS = ("prompt", "negative_prompt", "seed", "width", "height", "model")
 
-    Every Settings must share prompt, negative prompt, seed, size and model (only the sampler, steps,
-    guidance and strength may differ). `should_stop` is polled between rounds: when it returns True the
-    runs end early and keep the steps computed so far (their `info["stopped"]` is True).
-    `init_image` (PIL image or uint8 HxWx3 array) makes it img2img: each run starts from the image's
-    latents noised to its strength (resized and centre-cropped to the run's size).
-    """
+
+def _check_lockstep(settings_list: list[Settings]) -> None:
+    if not settings_list:
+        raise SettingsError("Pick at least one sampler.")
+    first = settings_list[0]
     for s in settings_list:
         s.validate()
-        if init_image is None and s.strength < 1:
-            raise ValueError("A strength below 1 needs an init image to start from (img2img).")
-    first = settings_list[0]
-    shared = ("prompt", "negative_prompt", "seed", "width", "height", "model")
-    for s in settings_list[1:]:
-        for name in shared:
+        for name in SHARED_SETTINGS:
             if getattr(s, name) != getattr(first, name):
-                raise ValueError(f"Runs in one lockstep batch must share {name}.")
+                raise SettingsError(f"Runs in one lockstep batch must share {name}.")
+        if (s.init_image is None) != (first.init_image is None) or (
+                s.init_image is not None and not np.array_equal(s.init_image, first.init_image)):
+            raise SettingsError("Runs in one lockstep batch must share the init image.")
+
+
+def denoise_steps(settings_list: list[Settings], pipe=None,
+                  should_stop: Callable[[], bool] | None = None) -> Generator[StepEvent, None, list[Run]]:
+    """Run several samplers in lockstep on one prompt, seed and size; yield a StepEvent per finished step and
+    return one Run each (same initial noise).
+
+    Every Settings must share prompt, negative prompt, seed, size, model and init image (only the sampler,
+    steps, guidance and strength may differ). `should_stop` is polled between rounds: when it returns True
+    the runs end early and keep the steps computed so far (`info.stopped`). Closing the generator halts the
+    loop at once.
+    """
+    _check_lockstep(settings_list)
+    first = settings_list[0]
     model_source = first.model if pipe is not None else resolve(first.model).source
     pipe = pipe or load_pipeline(first.model)
     unet, device = pipe.unet, pipe.unet.device
@@ -219,12 +234,13 @@ def generate_many(settings_list: list[Settings], pipe=None, callback: StepCallba
     height = first.height or unet.config.sample_size * scale_factor
     width = first.width or unet.config.sample_size * scale_factor
     if height % scale_factor or width % scale_factor:
-        raise ValueError(f"Width and height must be multiples of {scale_factor} for this model.")
+        raise SettingsError(f"Width and height must be multiples of {scale_factor} for this model.")
     started = time.perf_counter()
     with torch.inference_mode():
-        any_cfg = any(s.guidance_scale > 1 and unet.config.time_cond_proj_dim is None for s in settings_list)
+        distilled_guidance = unet.config.time_cond_proj_dim is not None  # LCM: guidance is an input, not CFG
+        any_cfg = any(s.guidance_scale > 1 and not distilled_guidance for s in settings_list)
         positive, negative = pipe.encode_prompt(first.prompt, device, 1, any_cfg, first.negative_prompt or None)
-        posterior = None if init_image is None else _encode_image(pipe, init_image, height, width)
+        posterior = None if first.init_image is None else _encode_image(pipe, first.init_image, height, width)
         loops = []
         for s in settings_list:
             scheduler = make_scheduler(s.sampler, pipe.scheduler.config)
@@ -243,86 +259,72 @@ def generate_many(settings_list: list[Settings], pipe=None, callback: StepCallba
                 if hasattr(scheduler, "set_begin_index"):
                     scheduler.set_begin_index(start)
                 latents = scheduler.add_noise(init_latents, noise, scheduler.timesteps[start:start + 1])
-            loops.append(_SamplerLoop(
-                settings=s, scheduler=scheduler, latents=latents, generator=generator,
-                prediction_type=scheduler.config.prediction_type,
-                do_cfg=s.guidance_scale > 1 and unet.config.time_cond_proj_dim is None, skipped_steps=skipped,
-            ))
+            loops.append(_SamplerLoop(settings=s, scheduler=scheduler, latents=latents, generator=generator,
+                                      do_cfg=s.guidance_scale > 1 and not distilled_guidance, skipped_steps=skipped))
         initial_noise = noise
-        evaluations = _run_lockstep(pipe, loops, positive, negative, callback, should_stop)
-    elapsed = time.perf_counter() - started
-    info_common = {
-        "model": first.model, "model_source": model_source,
-        "device": str(device), "dtype": str(positive.dtype).replace("torch.", ""),
-        "text_embedding_shape": list(positive.shape), "latent_shape": list(initial_noise.shape),
-        "vae_scale_factor": scale_factor, "image_size": [height, width],
-        "vae_scaling_factor": float(pipe.vae.config.scaling_factor),
-        "seconds": round(elapsed, 3), "lockstep_batch": len(loops), **_prompt_info(pipe, first.prompt),
-    }
-    runs = [_to_run(loop, initial_noise, {**info_common, "unet_evaluations": n}, should_stop)
-            for loop, n in zip(loops, evaluations)]
+    while not all(loop.done for loop in loops):  # the model runs in inference mode, never across a yield:
+        if should_stop is not None and should_stop():  # grad mode is per thread, and a generator may be
+            break  # resumed on another thread (Gradio's worker pool)
+        yield from _round(pipe, loops, positive, negative)
+    common = dict(
+        model_source=model_source, device=str(device), dtype=str(positive.dtype).replace("torch.", ""),
+        text_embedding_shape=list(positive.shape), latent_shape=list(initial_noise.shape),
+        vae_scale_factor=scale_factor, image_size=[height, width],
+        vae_scaling_factor=float(pipe.vae.config.scaling_factor),
+        seconds=round(time.perf_counter() - started, 3), lockstep_batch=len(loops), **_prompt_info(pipe, first.prompt))
+    runs = [_to_run(loop, initial_noise, common) for loop in loops]
     if posterior is not None:
         init_latents = posterior.mean.float().cpu() * pipe.vae.config.scaling_factor
-        for run, loop in zip(runs, loops):
+        for run in runs:
             run.tensors["init_latents"] = init_latents
-            run.info["img2img"] = {"strength": loop.settings.strength, "skipped_steps": loop.skipped_steps,
-                                   "start_timestep": loop.timesteps[loop.start]}
     return runs
 
 
-def _encode_image(pipe, image, height: int, width: int):
+def _encode_image(pipe, image: np.ndarray, height: int, width: int):
     """The VAE posterior of `image`, resized and centre-cropped to height x width."""
-    if isinstance(image, np.ndarray):
-        image = Image.fromarray(image)
-    pixels = pipe.image_processor.preprocess(image.convert("RGB"), height=height, width=width, resize_mode="crop")
+    pixels = pipe.image_processor.preprocess(Image.fromarray(image), height=height, width=width, resize_mode="crop")
     return pipe.vae.encode(pixels.to(pipe.vae.device, pipe.vae.dtype)).latent_dist
 
 
-def _run_lockstep(pipe, loops, positive, negative, callback, should_stop) -> list[int]:
+@torch.inference_mode()
+def _round(pipe, loops, positive, negative) -> list[StepEvent]:
+    """One batched UNet call for every active sampler, then each sampler's own step; the steps completed."""
     unet = pipe.unet
-    evaluations = [0] * len(loops)
-    while not all(loop.done for loop in loops):
-        if should_stop is not None and should_stop():
-            break
-        active = [i for i, loop in enumerate(loops) if not loop.done]
-        inputs, times, embeds, conds = [], [], [], []
-        for i in active:
-            loop = loops[i]
-            x_in, t = loop.model_input()
-            copies = 2 if loop.do_cfg else 1
-            inputs += [x_in] * copies
-            times += [t.float().reshape(1)] * copies
-            embeds += [negative, positive] if loop.do_cfg else [positive]
-            if unet.config.time_cond_proj_dim is not None:
-                w = torch.tensor([loop.settings.guidance_scale - 1.0])
-                cond = pipe.get_guidance_scale_embedding(w, embedding_dim=unet.config.time_cond_proj_dim)
-                conds += [cond.to(device=x_in.device, dtype=x_in.dtype)] * copies
-        output = unet(torch.cat(inputs), torch.cat(times), encoder_hidden_states=torch.cat(embeds),
-                      timestep_cond=torch.cat(conds) if conds else None, return_dict=False)[0]
-        offset = 0
-        for i in active:
-            loop = loops[i]
-            if loop.do_cfg:
-                uncond, cond = output[offset:offset + 1], output[offset + 1:offset + 2]
-                guided = uncond + loop.settings.guidance_scale * (cond - uncond)
-                offset += 2
-            else:
-                guided, cond, uncond = output[offset:offset + 1], None, None
-                offset += 1
-            evaluations[i] += 1
-            step = loop.advance(guided, cond, uncond)
-            if step is not None and callback is not None:
-                c = loop.captured
-                callback(StepEvent(i, step, c["latents"][-1], c["xt"][-1], c["x0"][-1], loop.total_steps))
-    return evaluations
+    active = [i for i, loop in enumerate(loops) if not loop.done]
+    inputs, times, embeds, conds = [], [], [], []
+    for i in active:
+        loop = loops[i]
+        x_in, t = loop.model_input()
+        copies = 2 if loop.do_cfg else 1
+        inputs += [x_in] * copies
+        times += [t.float().reshape(1)] * copies
+        embeds += [negative, positive] if loop.do_cfg else [positive]
+        if unet.config.time_cond_proj_dim is not None:
+            w = torch.tensor([loop.settings.guidance_scale - 1.0])
+            cond = pipe.get_guidance_scale_embedding(w, embedding_dim=unet.config.time_cond_proj_dim)
+            conds += [cond.to(device=x_in.device, dtype=x_in.dtype)] * copies
+    output = unet(torch.cat(inputs), torch.cat(times), encoder_hidden_states=torch.cat(embeds),
+                  timestep_cond=torch.cat(conds) if conds else None, return_dict=False)[0]
+    events, offset = [], 0
+    for i in active:
+        loop = loops[i]
+        if loop.do_cfg:
+            uncond, cond = output[offset:offset + 1], output[offset + 1:offset + 2]
+            guided = uncond + loop.settings.guidance_scale * (cond - uncond)
+            offset += 2
+        else:
+            guided, cond, uncond = output[offset:offset + 1], None, None
+            offset += 1
+        step = loop.advance(guided, cond, uncond)
+        if step is not None:
+            c = loop.captured
+            events.append(StepEvent(i, step, c["latents"][-1], c["xt"][-1], c["x0"][-1], c["eps"][-1],
+                                    loop.total_steps))
+    return events
 
 
-def _to_run(loop: _SamplerLoop, initial_noise: torch.Tensor, info: dict, should_stop) -> Run:
+def _to_run(loop: _SamplerLoop, initial_noise: torch.Tensor, common: dict) -> Run:
     tensors = {k: torch.cat(v).float().cpu() for k, v in loop.captured.items()}
-    sigmas = tensors.pop("sigma", torch.zeros(0)).tolist()
-    for step, sigma in zip(loop.steps, sigmas):
-        step.sigma = sigma
-        step.noise_share = sigma / math.sqrt(1.0 + sigma * sigma)
     tensors["initial_noise"] = initial_noise.float().cpu()
     for name in ("latents", "x0"):
         if name in tensors and not torch.isfinite(tensors[name]).all():
@@ -330,13 +332,15 @@ def _to_run(loop: _SamplerLoop, initial_noise: torch.Tensor, info: dict, should_
             raise NonFiniteError(f"The model produced NaN or infinite values at step {bad} of "
                                  f"{loop.settings.sampler}. Try fewer steps, another sampler, or fp32.")
     scheduler = loop.scheduler
-    info = {**info, "sampler": loop.settings.sampler, "scheduler": type(scheduler).__name__,
-            "scheduler_config": {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")},
-            "init_noise_sigma": float(scheduler.init_noise_sigma),
-            "prediction_type": loop.prediction_type, "guidance_scale": loop.settings.guidance_scale,
-            "seed": loop.settings.seed,
-            "stopped": len(loop.steps) < loop.total_steps}
-    return Run(settings=loop.settings, steps=loop.steps, tensors=tensors, info=_jsonable(info))
+    img2img = None
+    if loop.settings.init_image is not None:
+        img2img = Img2ImgInfo(strength=loop.settings.strength, skipped_steps=loop.skipped_steps,
+                              start_timestep=loop.timesteps[loop.start])
+    info = RunInfo(scheduler=type(scheduler).__name__, scheduler_config=_jsonable(dict(scheduler.config)),
+                   init_noise_sigma=float(scheduler.init_noise_sigma), prediction_type=loop.prediction_type,
+                   unet_evaluations=loop.evaluations, stopped=len(loop.steps) < loop.total_steps, img2img=img2img,
+                   **common)
+    return Run(settings=loop.settings, steps=loop.steps, tensors=tensors, info=info)
 
 
 def _jsonable(value):
@@ -351,7 +355,20 @@ def _jsonable(value):
     return str(value)
 
 
+def generate_many(settings_list: list[Settings], pipe=None, callback: StepCallback | None = None,
+                  should_stop: Callable[[], bool] | None = None) -> list[Run]:
+    """`denoise_steps` run to the end, calling `callback` with each StepEvent."""
+    steps = denoise_steps(settings_list, pipe, should_stop)
+    while True:
+        try:
+            event = next(steps)
+        except StopIteration as finished:
+            return finished.value
+        if callback is not None:
+            callback(event)
+
+
 def generate(settings: Settings, pipe=None, callback: StepCallback | None = None,
-             should_stop: Callable[[], bool] | None = None, init_image=None) -> Run:
-    """One sampler's run with every step captured (see `generate_many`)."""
-    return generate_many([settings], pipe, callback, should_stop, init_image)[0]
+             should_stop: Callable[[], bool] | None = None) -> Run:
+    """One sampler's run with every step captured (see `denoise_steps`)."""
+    return generate_many([settings], pipe, callback, should_stop)[0]

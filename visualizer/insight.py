@@ -12,6 +12,7 @@ from PIL import Image
 
 from .decode import vae_decode
 from .denoise import predictions
+from .samplers import config_notes
 
 STRUCTURE_RULE = ("first step whose x0-hat distance to the final image (1 - SSIM) has fallen to half its value "
                   "at step 1")
@@ -86,7 +87,7 @@ def convergence_plot(runs, current: int | None = None, labels: list[str] | None 
 
     fig, ax = plt.subplots(figsize=(6.4, 3.0))
     for k, run in enumerate(runs):
-        metrics = run.info.get("metrics") or step_metrics(run)
+        metrics = run.info.metrics or step_metrics(run)
         n = len(metrics)
         x = [m["step"] / n * 100 for m in metrics]
         label = labels[k] if labels else run.settings.sampler
@@ -151,11 +152,16 @@ def heat(values: np.ndarray, scale: float | None = None) -> np.ndarray:
     return (np.stack([np.clip(3 * v, 0, 1), np.clip(3 * v - 1, 0, 1), np.clip(3 * v - 2, 0, 1)], -1) * 255).astype(np.uint8)
 
 
+def change_image(previous: np.ndarray | None, current: np.ndarray) -> np.ndarray:
+    """|current - previous| per pixel (uint8 frames) as a heatmap; black when there is no previous frame."""
+    if previous is None:
+        previous = current
+    return heat(np.abs(current.astype(np.float32) - previous.astype(np.float32)).mean(axis=2), scale=255 * 0.25)
+
+
 def change_heatmap(run, index: int) -> np.ndarray:
-    """|x0-hat(step) - x0-hat(previous step)| per pixel as a heatmap (zeros at the first step)."""
-    current = run.frames["x0"][index].astype(np.float32)
-    previous = run.frames["x0"][index - 1].astype(np.float32) if index else current
-    return heat(np.abs(current - previous).mean(axis=2), scale=255 * 0.25)
+    """|x0-hat(step) - x0-hat(previous step)| of step `index` (0-based) as a heatmap (black at the first step)."""
+    return change_image(run.frames["x0"][index - 1] if index else None, run.frames["x0"][index])
 
 
 def guidance_breakdown(run, index: int, vae) -> dict[str, np.ndarray] | None:
@@ -168,7 +174,7 @@ def guidance_breakdown(run, index: int, vae) -> dict[str, np.ndarray] | None:
     t = run.tensors
     if "eps_cond" not in t:
         return None
-    sigma = torch.tensor(run.steps[index].sigma)
+    sigma = run.steps[index].sigma
     x_in = t["x_in"][index:index + 1]
     x0_uncond, _ = predictions(x_in, t["eps_uncond"][index:index + 1], sigma, "epsilon")
     x0_cond, _ = predictions(x_in, t["eps_cond"][index:index + 1], sigma, "epsilon")
@@ -182,48 +188,47 @@ def guidance_breakdown(run, index: int, vae) -> dict[str, np.ndarray] | None:
 def pipeline_stages(run) -> str:
     """Markdown: the run's real path, stage by stage, with shapes and counts."""
     i = run.info
-    tokens = i.get("token_strings", [])
-    shown = " ".join(t.replace("</w>", "") for t in tokens[:40])
-    truncated = (f" — **truncated**, ignored: “{i['dropped_text']}”" if i.get("truncated") else "")
-    config = i.get("scheduler_config", {})
+    shown = " ".join(t.replace("</w>", "") for t in i.token_strings[:40])
+    truncated = f" — **truncated**, ignored: “{i.dropped_text}”" if i.truncated else ""
+    config = i.scheduler_config
     keys = ("timestep_spacing", "prediction_type", "use_karras_sigmas", "algorithm_type", "beta_schedule")
     settings = ", ".join(f"{k}={config[k]}" for k in keys if k in config)
-    h, w = i.get("image_size", ["?", "?"])
-    start = (f"3. **Initial noise**: shape {i.get('latent_shape')}, seed {run.settings.seed}, "
-             f"scaled by init_noise_sigma = {i.get('init_noise_sigma', 1):.3f}")
-    if "img2img" in i:
-        m = i["img2img"]
-        start = (f"3. **Init image (img2img)**: VAE-encoded to shape {i.get('latent_shape')}, noised with seed "
-                 f"{run.settings.seed} to t = {m['start_timestep']:.0f}, where step {m['skipped_steps'] + 1} of "
-                 f"{run.settings.num_inference_steps} begins (strength {m['strength']}); the first "
-                 f"{m['skipped_steps']} steps are skipped")
+    notes = "".join(f"\n   - {note}" for note in config_notes(config))
+    h, w = i.image_size or ["?", "?"]
+    cfg = "eps_cond" in run.tensors
+    start = (f"3. **Initial noise**: shape {i.latent_shape}, seed {run.settings.seed}, "
+             f"scaled by init_noise_sigma = {i.init_noise_sigma:.3f}")
+    if i.img2img is not None:
+        m = i.img2img
+        start = (f"3. **Init image (img2img)**: VAE-encoded to shape {i.latent_shape}, noised with seed "
+                 f"{run.settings.seed} to t = {m.start_timestep:.0f}, where step {m.skipped_steps + 1} of "
+                 f"{run.settings.num_inference_steps} begins (strength {m.strength}); the first "
+                 f"{m.skipped_steps} steps are skipped")
     return "\n".join([
-        f"1. **Tokenizer**: {i.get('tokens', '?')} tokens of at most {i.get('token_limit', '?')}{truncated}: `{shown}`",
-        f"2. **Text encoder**: embedding of shape {i.get('text_embedding_shape')} "
-        f"({'with an unconditional twin for CFG' if 'eps_cond' in run.tensors else 'no CFG'})",
+        f"1. **Tokenizer**: {i.tokens} tokens of at most {i.token_limit}{truncated}: `{shown}`",
+        f"2. **Text encoder**: embedding of shape {i.text_embedding_shape} "
+        f"({'with an unconditional twin for CFG' if cfg else 'no CFG'})",
         start,
-        f"4. **UNet**: {i.get('unet_evaluations')} evaluations for {len(run)} steps, "
-        f"batch of {2 if 'eps_cond' in run.tensors else 1} per evaluation"
-        f"{', in lockstep with other samplers' if i.get('lockstep_batch', 1) > 1 else ''}",
-        f"5. **Scheduler**: {i.get('scheduler')} ({settings})",
-        f"6. **VAE**: latents / {i.get('vae_scaling_factor', 0):.4f}, upsampled x{i.get('vae_scale_factor')} "
-        f"to a {w}x{h} image",
+        f"4. **UNet**: {i.unet_evaluations} evaluations for {len(run)} steps, batch of {2 if cfg else 1} per "
+        f"evaluation{', in lockstep with other samplers' if i.lockstep_batch > 1 else ''}",
+        f"5. **Scheduler**: {i.scheduler} ({settings}){notes}",
+        f"6. **VAE**: latents / {i.vae_scaling_factor:.4f}, upsampled x{i.vae_scale_factor} to a {w}x{h} image",
     ])
 
 
 def attach_metrics(run) -> None:
-    """Store per-step metrics and the structure step in `run.info` (so they land in run.json)."""
-    if len(run) and {"xt", "x0"} <= set(run.frames):
-        run.info["metrics"] = step_metrics(run)
-        run.info["structure_step"] = structure_step(run.info["metrics"])
-        run.info["structure_rule"] = STRUCTURE_RULE
+    """Store per-step metrics and the structure step in `run.info` (so they land in run.json); a stopped run
+    has no final image to measure against, so it gets none."""
+    if len(run) and not run.info.stopped and {"xt", "x0"} <= set(run.frames):
+        run.info.metrics = step_metrics(run)
+        run.info.structure_step = structure_step(run.info.metrics)
 
 
 @torch.inference_mode()
 def forward_noising(run, image: np.ndarray, vae, seed: int = 0) -> list[np.ndarray]:
     """q(x_t | x_0) at the run's own noise levels: `image` (uint8 RGB) is VAE-encoded, noised to every step's
     sigma with one fixed noise draw, and decoded; returns one uint8 frame per step, at the run's size."""
-    h, w = run.info.get("image_size", image.shape[:2])
+    h, w = run.info.image_size or image.shape[:2]
     pixels = np.asarray(Image.fromarray(image).convert("RGB").resize((w, h), Image.Resampling.BICUBIC))
     device = next(vae.parameters()).device
     x = torch.from_numpy(pixels.copy()).permute(2, 0, 1)[None].float().div(127.5).sub(1).to(device)

@@ -28,12 +28,12 @@ def request(url: str, index: int, model: str, steps: int) -> tuple[str, str]:
     client = Client(url, verbose=False)
     seed = 1000 + index
     if index % 2 == 0:
-        _, slider, *_ = client.predict("a red circle", "", seed, steps, 7.5, "Euler a", 0, 0, model,
-                                       api_name="/generate")
-        frames = [client.predict(i, X_T, api_name="/frame")[0] for i in range(1, slider["maximum"] + 1)]
+        _, _, table, *_ = client.predict("a red circle", "", seed, steps, 7.5, "Euler a", 0, 0, model,
+                                         api_name="/generate")
+        frames = [client.predict(i, X_T, api_name="/frame")[0] for i in range(1, len(table["data"]) + 1)]
         return "generate", hashlib.sha256("".join(map(_digest, frames)).encode()).hexdigest()
-    grid, *_ = client.predict("a blue square", "", seed, steps, 7.5, ["Euler", "DDIM", "Heun"], 0, 0, model,
-                              api_name="/compare")
+    _, grid, *_ = client.predict("a blue square", "", seed, steps, 7.5, ["Euler", "DDIM", "Heun"], 0, 0, model,
+                                 api_name="/compare")
     return "compare", _digest(grid)
 
 

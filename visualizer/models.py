@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import ModelLoadError
+
 EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo-model"
 EMBEDDED = "embedded"
 ALIASES = {
@@ -22,10 +24,6 @@ ALIASES = {
 }
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 _CACHE_SIZE = 2
-
-
-class ModelLoadError(RuntimeError):
-    """A model reference that cannot be loaded; the message says what to do."""
 
 
 @dataclass(frozen=True)

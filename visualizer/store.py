@@ -11,10 +11,7 @@ import uuid
 from collections import OrderedDict
 from pathlib import Path
 
-
-class RunExpired(KeyError):
-    def __str__(self) -> str:
-        return "This run is no longer in memory (the app keeps only the most recent ones). Generate it again."
+from .errors import RunExpired
 
 
 class RunStore:
@@ -26,25 +23,41 @@ class RunStore:
     def __init__(self, output_dir: Path, capacity: int = 32, frame_budget: int = 512 * 2**20):
         self.output_dir, self.capacity, self.frame_budget = Path(output_dir), capacity, frame_budget
         self._runs: OrderedDict[str, list] = OrderedDict()
+        self._pinned: set[str] = set()
         self._lock = threading.Lock()
 
-    def add(self, runs: list) -> str:
-        run_id = uuid.uuid4().hex[:16]
+    @staticmethod
+    def new_id() -> str:
+        return uuid.uuid4().hex[:16]
+
+    def add(self, runs: list, run_id: str | None = None, pinned: bool = False) -> str:
+        """Keep `runs` under `run_id` (a new id by default); pinned runs are never evicted."""
+        run_id = run_id or self.new_id()
         with self._lock:
             self._runs[run_id] = runs
-            while len(self._runs) > self.capacity:
-                old, _ = self._runs.popitem(last=False)
+            if pinned:
+                self._pinned.add(run_id)
+            evictable = [k for k in self._runs if k not in self._pinned]
+            while len(self._runs) - len(self._pinned) > self.capacity:
+                old = evictable.pop(0)
+                del self._runs[old]
                 shutil.rmtree(self.output_dir / old, ignore_errors=True)
             self._drop_frames_over_budget()
         return run_id
+
+    def __contains__(self, run_id) -> bool:
+        return run_id in self._runs
 
     def frame_bytes(self) -> int:
         return sum(_frame_bytes(run) for runs in self._runs.values() for run in runs)
 
     def _drop_frames_over_budget(self) -> None:
-        """Forget decoded frames of the least recently used runs (never the newest) until under budget."""
+        """Forget decoded frames of the least recently used runs (never the newest nor a pinned one, which may
+        have no latents to re-decode from) until under budget."""
         total = self.frame_bytes()
-        for runs in list(self._runs.values())[:-1]:
+        for run_id, runs in list(self._runs.items())[:-1]:
+            if run_id in self._pinned:
+                continue
             if total <= self.frame_budget:
                 return
             for run in runs:

@@ -1,204 +1,190 @@
-"""The Gradio layout: live denoising, the timestep slider, insight tabs, the sampler grid and downloads.
+"""The Gradio layout: the in-page player beside the settings, server-side panels below, the sampler grid.
 
 Plain functions (ui_handlers.App) first, then `with gr.Blocks()` layout, then wiring. Every event that
-runs the model shares one concurrency id, so runs queue instead of fighting over it.
+runs the model shares one concurrency id, so runs queue instead of fighting over it. The player
+(player.py) holds the frames in the page; hidden components keep the named API endpoints (/frame,
+/grid_frame, /insight) for gradio_client users.
 """
 from __future__ import annotations
 
 import gradio as gr
 import numpy as np
 
-from . import views
+from . import insight, player
 from .models import ALIASES, EMBEDDED
-from .run import DEFAULT_GUIDANCE
-from .samplers import DEFAULT_SAMPLER, sampler_names
-from .ui_handlers import App, AppConfig
+from .run import DEFAULTS, MAX_STEPS
+from .samplers import sampler_names
+from .ui_handlers import EXAMPLE_SAMPLERS, App, AppConfig, _steps_table
 
 MODEL_CONCURRENCY = "model"
 EXAMPLES = ["a large red circle in the centre", "a small blue square on the left of a white background",
             "a yellow triangle on the top", "a large purple diamond on the right of a black background"]
 PROSE = {
-    "generate": "Type a prompt and press **Generate**. The model starts from pure noise and removes a little of it "
-                "at every step; frames stream in while it works. **Stop** keeps what was computed.",
-    "slider": "Drag the slider to see any step instantly. **x_t** is the noisy latent the sampler holds after the "
-              "step, decoded by the VAE. **x0-hat** is the model's guess of the finished image at that step. "
-              "Heun and DPM2 spend two model evaluations per step.",
-    "convergence": "How far the model's guess (x0-hat) is from the final image at each step: 1 - SSIM (structure) "
-                   "and the distance of the latents. The dotted line marks where structure appears: the first "
-                   "step whose distance (1 - SSIM) has halved from step 1; the red ring is the slider's step.",
-    "guidance": "Classifier-free guidance runs the model twice per step, without and with the prompt, and "
-                "combines them: guided = uncond + scale × (cond − uncond). The images are the final image each "
-                "branch predicts at this step; the heatmap is where guidance pushes hardest.",
-    "change": "What changed in x0-hat since the previous step: bright = large change. Early steps change the "
-              "layout, late steps only edges.",
+    "intro": "Type a prompt and press **Generate**: the model starts from pure noise and removes a little of it at "
+             "every step. Every step's frames arrive in the player as they are decoded; scrub them with the slider, "
+             "the arrow keys or **Play**. **x_t** is the noisy latent after the step, **x0-hat** the model's guess "
+             "of the finished image. Heun and DPM2 spend two model evaluations per step.",
+    "guidance": "Classifier-free guidance runs the model twice per step, without and with the prompt, and combines "
+                "them: guided = uncond + scale × (cond − uncond). The images are the final image each branch "
+                "predicts at the step you settled on in the player; the heatmap is where guidance pushes hardest.",
     "forward": "The forward process, q(x_t | x_0): take an image, encode it, and add noise at this run's noise "
-               "levels, step by step. Move the slider: denoising runs this film backwards.",
+               "levels, step by step. It becomes the player's “forward noising” view: denoising runs it backwards.",
     "img2img": "Empty: start from pure noise. With an image: it is encoded by the VAE, noised to the point "
                "`1 - strength` of the way through the schedule, and only the remaining steps run (img2img). "
                "Low strength keeps the image; 1.0 keeps little of it.",
-    "compare": "Pick 2 to 8 samplers. They share the prompt, seed and initial noise and run in one batch. "
-               "The slider moves every cell to the same point of its schedule (0% = first step, 100% = last).",
+    "compare": "2 to 8 samplers on the same prompt, seed and initial noise, in one batch. The slider moves every "
+               "cell to the same point of its own schedule.",
 }
-
-
-# ---- layout -------------------------------------------------------------------------------------
 CSS = """
+#title h2 { margin: 0; font-size: 1.25rem; }
+.explain { color: var(--body-text-color-subdued); font-size: 0.9em; }
 .frame img { image-rendering: pixelated; }
-.explain { color: var(--body-text-color-subdued); font-size: 0.92em; }
+@media (min-width: 900px) { .player-first { flex-direction: row-reverse; } }
 """
 
 
-def _settings_controls(default_model: str, allow_any: bool):
+def _settings_controls(default_model: str, allow_any: bool, prefix: str = ""):
+    steps = gr.Slider(1, MAX_STEPS, value=DEFAULTS["num_inference_steps"], step=1, label="Steps",
+                      elem_id=f"{prefix}steps")
+    guidance = gr.Slider(0, 20, value=DEFAULTS["guidance_scale"], step=0.5, label="Guidance scale (CFG)")
     with gr.Row():
-        seed = gr.Number(value=0, precision=0, label="Seed", minimum=0, scale=3)
-        randomize = gr.Button("Random seed", scale=1, min_width=80, elem_id="randomize")
+        seed = gr.Number(value=DEFAULTS["seed"], precision=0, label="Seed", minimum=0, scale=3)
+        randomize = gr.Button("Random seed", scale=1, min_width=80, elem_id=f"{prefix}randomize")
     randomize.click(lambda: int(np.random.randint(0, 2**31 - 1)), None, seed, api_visibility="private")
-    steps = gr.Slider(1, 250, value=25, step=1, label="Steps")
-    guidance = gr.Slider(0, 20, value=DEFAULT_GUIDANCE, step=0.5, label="Guidance scale (CFG)")
-    with gr.Accordion("Size and model", open=False):
+    with gr.Accordion("Negative prompt, size and model", open=False):
+        negative = gr.Textbox(label="Negative prompt", value=DEFAULTS["negative_prompt"])
         with gr.Row():
             width = gr.Number(value=0, precision=0, label="Width (0 = model's native)")
             height = gr.Number(value=0, precision=0, label="Height (0 = native)")
-        model = gr.Dropdown([EMBEDDED, *ALIASES], value=default_model, label="Model",
-                            allow_custom_value=allow_any,
+        model = gr.Dropdown([EMBEDDED, *ALIASES], value=default_model, label="Model", allow_custom_value=allow_any,
                             info="A local diffusers folder or hub id can be typed in" if allow_any else None)
-    return seed, steps, guidance, width, height, model
+    return negative, seed, steps, guidance, width, height, model
+
+
+def _player(props: dict, elem_id: str) -> gr.HTML:
+    return gr.HTML(value=None, html_template=player.TEMPLATE, css_template=player.CSS, js_on_load=player.JS,
+                   elem_id=elem_id, **props)
 
 
 def build(config: AppConfig) -> gr.Blocks:
     app = App(config)
     ttl = max(2, config.cache_ttl)
+    example_single, example_grid = app.example or (None, None)
+    example_run = app.store.get(example_single)[0] if example_single else None
     with gr.Blocks(title="Denoising visualizer", delete_cache=(ttl // 2, ttl)) as demo:
-        gr.Markdown("# Denoising visualizer\nWatch a diffusion model turn noise into an image, one step at a time.")
+        gr.Markdown("## Denoising visualizer: watch a diffusion model turn noise into an image", elem_id="title")
         with gr.Tab("Generate"):
-            gr.Markdown(PROSE["generate"], elem_classes="explain")
-            with gr.Row():
-                with gr.Column(scale=1, min_width=300):
-                    prompt = gr.Textbox(label="Prompt", value=EXAMPLES[0], elem_id="prompt")
-                    negative = gr.Textbox(label="Negative prompt", value="")
-                    sampler = gr.Dropdown(sampler_names(), value=DEFAULT_SAMPLER, label="Sampler")
-                    seed, steps, guidance, width, height, model = _settings_controls(config.default_model,
-                                                                                     config.allow_any_model)
+            with gr.Row(elem_classes="player-first"):
+                with gr.Column(scale=3, min_width=320):
+                    play = _player({**app.initial_props(0), "panel": "guidance"}, "player")
+                    notice = gr.Markdown(elem_id="notice")
+                with gr.Column(scale=2, min_width=300):
+                    prompt = gr.Textbox(label="Prompt", value=EXAMPLES[0], lines=2, elem_id="prompt")
+                    with gr.Row():
+                        run_button = gr.Button("Generate", variant="primary", elem_id="generate")
+                        stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
+                    sampler = gr.Dropdown(sampler_names(), value=DEFAULTS["sampler"], label="Sampler",
+                                          elem_id="sampler")
+                    negative, seed, steps, guidance, width, height, model = _settings_controls(
+                        config.default_model, config.allow_any_model)
                     with gr.Accordion("Start from an image (img2img)", open=False):
                         gr.Markdown(PROSE["img2img"], elem_classes="explain")
                         init_image = gr.Image(label="Init image", type="numpy", sources=["upload"], height=160,
                                               elem_id="init-image")
-                        strength = gr.Slider(0.05, 1.0, value=0.6, step=0.05, label="Strength", elem_id="strength")
-                    with gr.Row():
-                        run_button = gr.Button("Generate", variant="primary", elem_id="generate")
-                        stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
+                        strength = gr.Slider(0.05, 1.0, value=DEFAULTS["strength"], step=0.05, label="Strength",
+                                             elem_id="strength")
                     gr.Examples(EXAMPLES, inputs=prompt)
-                with gr.Column(scale=2, min_width=320):
-                    image = gr.Image(label="Frame", elem_id="frame", elem_classes="frame", format="png",
-                                     interactive=False, height=420)
-                    status = gr.Markdown(elem_id="status")
-                    notice = gr.Markdown(elem_id="notice")
-                    step_slider = gr.Slider(1, 25, value=1, step=1, label="Step", interactive=False, elem_id="step")
-                    step_label = gr.Markdown(elem_id="step-label")
-                    view = gr.Radio(list(views.VIEWS), value=list(views.VIEWS)[0], label="View", elem_id="view")
-                    gr.Markdown(PROSE["slider"], elem_classes="explain")
+                    gr.Markdown(PROSE["intro"], elem_classes="explain")
+            with gr.Tabs(elem_id="panels"):
+                with gr.Tab("Guidance"):
+                    gr.Markdown(PROSE["guidance"], elem_classes="explain")
+                    with gr.Row(elem_id="guidance"):
+                        g_images = [gr.Image(label=text, format="png", interactive=False, height=200, buttons=[],
+                                             elem_classes="frame") for text in
+                                    ("Without the prompt", "With the prompt", "What guidance adds", "Guided (x0-hat)")]
+                with gr.Tab("Downloads"):
                     with gr.Row():
-                        play = gr.Button("Play", size="sm", elem_id="play")
-                        pause = gr.Button("Pause", size="sm")
-                    with gr.Accordion("Downloads", open=False):
-                        with gr.Row():
-                            buttons = {fmt: gr.Button(label, size="sm", elem_id=f"dl-{fmt}") for fmt, label in
-                                       [("gif", "GIF"), ("mp4", "MP4"), ("webp", "WebP"), ("zip", "Frames (ZIP)"),
-                                        ("run", "Saved run (ZIP)")]}
-                        file_out = gr.File(label="File", elem_id="download-file")
-                    with gr.Tabs(elem_id="insight"):
-                        with gr.Tab("Convergence"):
-                            gr.Markdown(PROSE["convergence"], elem_classes="explain")
-                            convergence_plot = gr.Image(label="Distance to the final image", format="png",
-                                                        interactive=False, elem_id="convergence-plot")
-                        with gr.Tab("Schedule"):
-                            schedule_plot = gr.Image(label="Noise schedule", format="png", interactive=False,
-                                                     elem_id="schedule-plot")
-                            numbers = gr.Markdown(elem_id="step-numbers")
-                        with gr.Tab("Guidance"):
-                            gr.Markdown(PROSE["guidance"], elem_classes="explain")
-                            with gr.Row():
-                                g_uncond = gr.Image(label="Without the prompt", format="png", interactive=False)
-                                g_cond = gr.Image(label="With the prompt", format="png", interactive=False)
-                                g_added = gr.Image(label="What guidance adds", format="png", interactive=False)
-                                g_guided = gr.Image(label="Guided (x0-hat)", format="png", interactive=False)
-                        with gr.Tab("Change"):
-                            gr.Markdown(PROSE["change"], elem_classes="explain")
-                            change = gr.Image(label="Change since the previous step", format="png",
-                                              interactive=False, elem_id="change")
-                        with gr.Tab("Forward noising"):
-                            gr.Markdown(PROSE["forward"], elem_classes="explain")
-                            with gr.Row():
-                                upload = gr.Image(label="Image (empty = this run's final image)", type="numpy",
-                                                  sources=["upload"], height=200)
-                                noise_button = gr.Button("Noise it", elem_id="noise-it")
-                            forward_status = gr.Markdown()
-                        with gr.Tab("Pipeline"):
-                            stages = gr.Markdown(elem_id="stages")
-                        with gr.Tab("Steps table"):
-                            steps_table = gr.Dataframe(headers=["step", "t", "sigma", "noise share", "evals"],
-                                                       label="Steps", interactive=False, max_height=240)
-            run_id = gr.State(None)
-            timer = gr.Timer(0.3, active=False)
+                        dl_view = gr.Radio([("x_t", "xt"), ("x0-hat", "x0"), ("both", "both")], value="xt",
+                                           label="Animation shows", elem_id="dl-view")
+                    with gr.Row():
+                        buttons = {fmt: gr.Button(label, size="sm", elem_id=f"dl-{fmt}") for fmt, label in
+                                   [("gif", "GIF"), ("mp4", "MP4"), ("webp", "WebP"), ("zip", "Frames (ZIP)"),
+                                    ("run", "Saved run (ZIP)")]}
+                    file_out = gr.File(label="File", elem_id="download-file")
+                with gr.Tab("Forward noising"):
+                    gr.Markdown(PROSE["forward"], elem_classes="explain")
+                    with gr.Row():
+                        upload = gr.Image(label="Image (empty = this run's final image)", type="numpy",
+                                          sources=["upload"], height=200)
+                        noise_button = gr.Button("Noise it", elem_id="noise-it")
+                    forward_status = gr.Markdown(elem_id="forward-status")
+                with gr.Tab("Pipeline"):
+                    stages = gr.Markdown(insight.pipeline_stages(example_run) if example_run else "",
+                                         elem_id="stages")
+                with gr.Tab("Steps table"):
+                    steps_table = gr.Dataframe(_steps_table(example_run) if example_run else None,
+                                               headers=["step", "t", "sigma", "noise share", "evals"],
+                                               label="Steps", interactive=False, max_height=240)
+            run_id = gr.State(example_single)
 
         with gr.Tab("Compare samplers"):
-            gr.Markdown(PROSE["compare"], elem_classes="explain")
-            with gr.Row():
-                with gr.Column(scale=1, min_width=300):
-                    c_prompt = gr.Textbox(label="Prompt", value=EXAMPLES[0], elem_id="c-prompt")
-                    c_negative = gr.Textbox(label="Negative prompt", value="")
-                    c_samplers = gr.CheckboxGroup(sampler_names(), value=["Euler", "DDIM", "DPM++ 2M"],
-                                                  label="Samplers (2 to 8)", elem_id="c-samplers")
-                    c_seed, c_steps, c_guidance, c_width, c_height, c_model = _settings_controls(
-                        config.default_model, config.allow_any_model)
+            with gr.Row(elem_classes="player-first"):
+                with gr.Column(scale=3, min_width=320):
+                    c_play = _player(app.initial_props(1), "c-player")
+                with gr.Column(scale=2, min_width=300):
+                    c_prompt = gr.Textbox(label="Prompt", value=EXAMPLES[0], lines=2, elem_id="c-prompt")
                     c_button = gr.Button("Compare", variant="primary", elem_id="compare")
-                with gr.Column(scale=2, min_width=320):
-                    c_image = gr.Image(label="Grid", elem_id="grid", elem_classes="frame", format="png",
-                                       interactive=False)
-                    c_status = gr.Markdown(elem_id="c-status")
-                    c_slider = gr.Slider(1, 100, value=100, step=1, label="Progress through the schedule (%)",
-                                         elem_id="c-progress")
-                    c_view = gr.Radio(list(views.VIEWS)[:2], value=list(views.VIEWS)[0], label="View")
+                    c_samplers = gr.CheckboxGroup(sampler_names(), value=EXAMPLE_SAMPLERS, label="Samplers (2 to 8)",
+                                                  elem_id="c-samplers")
+                    c_negative, c_seed, c_steps, c_guidance, c_width, c_height, c_model = _settings_controls(
+                        config.default_model, config.allow_any_model, prefix="c-")
+                    gr.Markdown(PROSE["compare"], elem_classes="explain")
                     with gr.Row():
                         c_buttons = {fmt: gr.Button(label, size="sm", elem_id=f"c-dl-{fmt}") for fmt, label in
                                      [("gif", "Grid GIF"), ("mp4", "Grid MP4"), ("png", "Final images (PNG)")]}
                     c_file = gr.File(label="File", elem_id="c-download-file")
-                    c_curves = gr.Image(label="Convergence of each sampler", format="png", interactive=False,
-                                        elem_id="c-convergence")
-            c_run_id = gr.State(None)
+            c_run_id = gr.State(example_grid)
+
+        with gr.Group(visible=False):  # API-only: endpoints gradio_client users call by name
+            status = gr.Markdown(elem_id="status")
+            c_status = gr.Markdown(elem_id="c-status")
+            final_image = gr.Image(format="png", label="Final image")
+            c_grid = gr.Image(format="png", label="Grid")
+            api_step, api_progress = gr.Number(precision=0, label="Step"), gr.Number(label="Progress (%)")
+            api_view = gr.Textbox(label="View")
+            api_frame, api_grid = gr.Image(format="png", label="Frame"), gr.Image(format="png", label="Grid frame")
+            api_label, api_numbers, api_stages = gr.Markdown(), gr.Markdown(), gr.Markdown()
+            api_plots = [gr.Image(format="png") for _ in range(2)]
+            api_guidance = [gr.Image(format="png") for _ in range(4)]
+            api_change = gr.Image(format="png")
+            frame_button, grid_button, insight_button = gr.Button(), gr.Button(), gr.Button()
 
         # ---- wiring -------------------------------------------------------------------------
-        model_event = dict(concurrency_id=MODEL_CONCURRENCY, concurrency_limit=1)
+        model_event = dict(concurrency_id=MODEL_CONCURRENCY, concurrency_limit=1, show_progress="hidden")
         run_button.click(
-            app.generate, [prompt, negative, seed, steps, guidance, sampler, width, height, model, init_image,
-                           strength],
-            [image, step_slider, run_id, steps_table, status, notice], api_name="generate", **model_event)
+            app.generate, [prompt, negative, seed, steps, guidance, sampler, width, height, model, init_image, strength],
+            [play, final_image, run_id, steps_table, status, notice, file_out, *g_images, stages],
+            api_name="generate", **model_event,
+        ).then(lambda rid: app.guidance(rid, None), run_id, g_images, show_progress="hidden", api_visibility="private")
         stop_button.click(app.stop, None, None, queue=False, api_name="stop")
-        step_slider.change(app.show_step, [run_id, step_slider, view], [image, step_label], api_name="frame",
-                           show_progress="hidden", trigger_mode="always_last")
-        insight_outputs = [convergence_plot, schedule_plot, numbers, g_uncond, g_cond, g_added, g_guided, change, stages]
-        step_slider.change(app.insight, [run_id, step_slider], insight_outputs, api_name="insight",
-                           show_progress="hidden", trigger_mode="always_last")
-        noise_button.click(app.noise_image, [run_id, upload, step_slider], [image, view, forward_status],
-                           api_name="noise_image", **model_event)
-        view.change(app.show_step, [run_id, step_slider, view], [image, step_label], show_progress="hidden",
-                    api_visibility="private")
-        play.click(lambda: gr.Timer(active=True), None, timer, api_visibility="private")
-        pause.click(lambda: gr.Timer(active=False), None, timer, api_visibility="private")
-        timer.tick(lambda s, m: 1 if s >= m else s + 1, [step_slider, step_slider], step_slider,
-                   show_progress="hidden", api_visibility="private")
+        play.change(app.guidance, [run_id, play], g_images, api_name="guidance", show_progress="hidden",
+                    trigger_mode="always_last")
+        noise_button.click(app.noise_image, [run_id, upload], [play, forward_status], api_name="noise_image",
+                           **model_event)
         for fmt, button in buttons.items():
-            button.click(lambda rid, v, fmt=fmt: app.download(rid, fmt, v), [run_id, view], file_out,
+            button.click(lambda rid, v, fmt=fmt: app.download(rid, fmt, v), [run_id, dl_view], file_out,
                          api_name=f"download_{fmt}")
         c_button.click(app.compare, [c_prompt, c_negative, c_seed, c_steps, c_guidance, c_samplers, c_width,
-                                     c_height, c_model], [c_image, c_slider, c_run_id, c_status, c_curves],
+                                     c_height, c_model], [c_play, c_grid, c_run_id, c_status, c_file],
                        api_name="compare", **model_event)
-        c_slider.change(app.show_grid, [c_run_id, c_slider, c_view], c_image, api_name="grid_frame",
-                        show_progress="hidden", trigger_mode="always_last")
-        c_view.change(app.show_grid, [c_run_id, c_slider, c_view], c_image, show_progress="hidden",
-                      api_visibility="private")
         for fmt, button in c_buttons.items():
             button.click(lambda rid, fmt=fmt: app.download_grid(rid, fmt), c_run_id, c_file,
                          api_name=f"download_grid_{fmt}")
+        frame_button.click(app.show_step, [run_id, api_step, api_view], [api_frame, api_label], api_name="frame")
+        grid_button.click(app.show_grid, [c_run_id, api_progress, api_view], api_grid, api_name="grid_frame")
+        insight_button.click(app.insight, [run_id, api_step],
+                             [*api_plots, api_numbers, *api_guidance, api_change, api_stages], api_name="insight")
+        demo.load(lambda rid: app.guidance(rid, None), run_id, g_images, show_progress="hidden",
+                  api_visibility="private")
     demo.app_state = app  # for tests and the launcher
     return demo

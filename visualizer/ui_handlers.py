@@ -1,11 +1,12 @@
-"""The app's handlers: validate, call the core (`api`, `views`, `insight`, `export`), format the result.
+"""The app's handlers: form values -> `Settings` -> `api.stream` -> player props and panels.
 
-Kept apart from the layout (ui.py) so each can be read alone. Handlers raise `UserError` for anything a
-person can fix; it reaches the browser as a toast and the app keeps serving.
+A thin adapter: the engine computes and decodes, `RunFiles` writes each step's images once, and the
+page's player (player.py) scrubs them with no server round trip. Handlers raise `UserError` for anything a
+person can fix; it reaches the browser as a toast, the server logs one line, and the app keeps serving.
 """
 from __future__ import annotations
 
-import queue
+import logging
 import shutil
 import threading
 import time
@@ -16,15 +17,23 @@ import gradio as gr
 import numpy as np
 
 from . import api, insight, views
-from .decode import (StreamingDecoder, decode_run, latent_preview, latent_rgb_factors, load_taesd,
-                     taesd_decode)
+from .api import StepUpdate
 from .demo_model import scenes
-from .denoise import NonFiniteError
+from .errors import SettingsError, VisualizerError, user_message
 from .export import export_grid, export_run, upscale
-from .models import ALIASES, EMBEDDED, ModelLoadError, load_pipeline
-from .store import RunExpired, RunStore
+from .frame_files import RunFiles
+from .models import ALIASES, EMBEDDED, load_pipeline
+from .player import step_props
+from .run import Run, Settings
+from .store import RunStore
 
-PREVIEW_INTERVAL = 0.25  # seconds between live preview frames sent to the browser
+log = logging.getLogger("visualizer")
+UPDATE_INTERVAL = 0.1  # seconds between player updates sent during a run (frames arrive at the decode rate)
+EXAMPLE_DIR = Path(__file__).resolve().parent.parent / "assets" / "example"
+EXAMPLE_SAMPLERS = ["Euler", "DDIM", "DPM++ 2M", "Euler a"]  # the example's order; the single player shows the first
+VIEWS = [("xt", "x_t (noisy latents, decoded)"), ("x0", "x0-hat (predicted final image)"),
+         ("both", "x_t and x0-hat side by side"), ("latents", "latent channels"), ("noise", "noise prediction"),
+         ("forward", "forward noising q(x_t | x_0)")]
 
 
 @dataclass
@@ -34,11 +43,16 @@ class AppConfig:
     allow_any_model: bool = True  # local folders and hub ids typed in the UI
     run_capacity: int = 64  # finished runs kept for the slider (latents; small)
     frame_budget_mb: int = 512  # decoded frames kept in memory; older runs are re-decoded when revisited
-    cache_ttl: int = 3600  # seconds Gradio keeps the files it serves (previews, frames) before deleting them
+    cache_ttl: int = 3600  # seconds Gradio keeps the files it serves before deleting them
+    example_dir: Path | None = EXAMPLE_DIR  # a saved comparison shown on the players when the page opens
 
 
 class UserError(gr.Error):
     """A message for the person, shown as a toast; the app keeps serving."""
+
+    def __init__(self, message: str):
+        log.info("refused: %s", message)  # one line in the server console, no traceback
+        super().__init__(message, print_exception=False)
 
 
 def _check_model(model: str, config: AppConfig) -> str:
@@ -58,8 +72,31 @@ def _vocabulary_notice(prompt: str, model: str) -> str:
             f"{', '.join(scenes.vocabulary())}.")
 
 
-def _size(value) -> int | None:
-    return None if value in (None, "", 0) else value
+def url(path: Path) -> str:
+    """The URL Gradio serves a file under the output folder at."""
+    return f"/gradio_api/file={path}"
+
+
+def player_props(files: RunFiles | None, run_id: str, *, live: bool = False, progress: float = 1.0,
+                 status: str = "", view: str | None = None) -> dict:
+    """The player's props for the runs `files` holds (see player.py for their meaning)."""
+    cells = [] if files is None else [
+        {"label": c.label, "total": c.total, "steps": [step_props(s) for s in c.steps],
+         "frames": {kind: [url(p) if p else None for p in paths] for kind, paths in c.paths.items()},
+         "curve": c.curve, "structure": c.structure} for c in files.cells]
+    return {"cells": cells, "views": VIEWS, "live": live, "progress": progress, "status": status, "run": run_id,
+            "view": view}
+
+
+def _status(run: Run) -> str:
+    img2img = run.info.img2img
+    start = (f" from the init image (strength {img2img.strength}: steps {img2img.skipped_steps + 1}–"
+             f"{run.settings.num_inference_steps} of the schedule)") if img2img else ""
+    if run.info.stopped:
+        return (f"Stopped early: {len(run)} steps{start}. The frame shows x0-hat of step {len(run)}, the model's "
+                "best guess so far.")
+    return (f"Done: {len(run)} steps{start} in {run.info.seconds:.1f} s ({run.info.unet_evaluations} UNet "
+            "evaluations). Drag the slider, use the arrow keys or press Play.")
 
 
 class App:
@@ -67,81 +104,118 @@ class App:
         self.config = config
         self.store = RunStore(config.output_dir, config.run_capacity, config.frame_budget_mb * 2**20)
         self._stops: dict[str, threading.Event] = {}  # browser session -> its running generation's stop flag
+        self._files: dict[str, RunFiles] = {}  # run id -> the player's files
+        self.example = self._load_example()  # (single run id, comparison run id) or None
 
-    # ---- handlers -------------------------------------------------------------------------
-    def generate(self, prompt, negative_prompt, seed, steps, guidance, sampler, width, height, model,
-                 init_image=None, strength=1.0, request: gr.Request = None, progress=gr.Progress()):
-        """Stream (preview, status) while the run goes; end with the decoded run on the slider.
+    # ---- opening the page -------------------------------------------------------------------
+    def _load_example(self) -> tuple[str, str] | None:
+        folder = self.config.example_dir
+        if folder is None or not folder.is_dir():
+            return None
+        runs = [Run.load(p.parent) for p in sorted(folder.glob("*/run.json"))]
+        if not runs:
+            return None
+        order = {name: k for k, name in enumerate(EXAMPLE_SAMPLERS)}
+        runs.sort(key=lambda r: order.get(r.settings.sampler, len(order)))
+        single = self.store.add([runs[0]], pinned=True)
+        grid = self.store.add(runs, pinned=True)
+        self._files[single] = RunFiles.of_runs(self.store.folder(single) / "player", [runs[0]])
+        self._files[grid] = RunFiles.of_runs(self.store.folder(grid) / "player", runs)
+        return single, grid
 
-        With an `init_image` it is img2img at `strength`; without one, strength is ignored.
+    def initial_props(self, which: int) -> dict:
+        """Props the players open with: the shipped example (0: single run, 1: comparison), or empty."""
+        if self.example is None:
+            return player_props(None, "")
+        run_id = self.example[which]
+        runs = self.store.get(run_id)
+        note = (f"Example: “{runs[0].settings.prompt}”, {len(runs[0])} steps, seed {runs[0].settings.seed}. "
+                "Scrub it, or press " + ("Generate" if which == 0 else "Compare") + " for your own.")
+        return player_props(self._files[run_id], run_id, status=note)
 
-        **Stop** (see `stop`) ends the loop early and the steps computed so far are shown; a closed tab
-        closes this generator, whose `finally` halts the loop within one step.
-        """
-        model = _check_model(model, self.config)
+    # ---- handlers ---------------------------------------------------------------------------
+    def settings(self, prompt, negative_prompt, seed, steps, guidance, sampler, width, height, model,
+                 init_image=None, strength=None) -> Settings:
+        """The form's values as validated Settings (the form's size 0 means the model's native size)."""
+        extra = {} if init_image is None else {"init_image": init_image, **({} if strength is None else
+                                                                              {"strength": strength})}
         try:
-            pipe = load_pipeline(model)
-        except ModelLoadError as error:
+            return Settings(prompt=prompt or "", negative_prompt=negative_prompt or "", seed=seed,
+                            num_inference_steps=steps, guidance_scale=guidance, sampler=sampler,
+                            width=width or None, height=height or None, model=_check_model(model, self.config),
+                            **extra).validate()
+        except SettingsError as error:
             raise UserError(str(error)) from None
-        decoder = StreamingDecoder(pipe.vae)
-        previewer = _previewer(pipe, model)
-        events: queue.Queue = queue.Queue()
+
+    def _stream(self, settings: Settings, samplers: list[str] | None, request: gr.Request | None):
+        """Run one generation; yield (player props, None) while it goes, then (player props, run id)."""
         stop = threading.Event()
         session = getattr(request, "session_hash", None)
         if session:
             self._stops[session] = stop
-        result: dict = {}
-
-        def work():
-            try:
-                result["run"] = api.run(
-                    prompt, negative_prompt=negative_prompt, sampler=sampler, model=model,
-                    num_inference_steps=steps, guidance_scale=guidance, seed=seed, width=_size(width),
-                    height=_size(height), init_image=init_image, strength=1.0 if init_image is None else strength,
-                    callback=events.put, should_stop=stop.is_set, decoder=decoder)
-            except Exception as error:  # handed to the request thread, which reports it
-                result["error"] = error
-            finally:
-                events.put(None)
-
-        thread = threading.Thread(target=work, daemon=True)
-        thread.start()
-        notice = _vocabulary_notice(prompt or "", model)
-        last_sent = 0.0
+        names = samplers or [settings.sampler]
+        expected = settings.num_inference_steps - (
+            settings.num_inference_steps - int(settings.num_inference_steps * settings.strength)
+            if settings.is_img2img else 0)
+        run_id = self.store.new_id()
+        files = RunFiles(self.store.output_dir / run_id / "player", names, [expected] * len(names))
+        last_sent, result = 0.0, None
         try:
-            while True:
-                event = events.get()
-                if event is None:
+            for item in api.stream(settings, samplers, should_stop=stop.is_set):
+                if not isinstance(item, StepUpdate):
+                    result = item
                     break
-                progress((event.step.index, event.total_steps), desc="Denoising", unit="steps")
+                files.add_step(item.event)
                 now = time.monotonic()
-                if now - last_sent >= PREVIEW_INTERVAL:
+                if now - last_sent >= UPDATE_INTERVAL:
                     last_sent = now
-                    image, status_line = _live_preview(decoder, event, previewer)
-                    yield image, gr.update(), gr.update(), gr.update(), status_line, notice
-        finally:  # a closed tab lands here: halt the loop within one step
-            stop.set()
-            thread.join()
+                    files.add_decoded(item.frames)
+                    done = item.event.step.index
+                    yield player_props(files, run_id, live=True, progress=done / item.event.total_steps,
+                                       status=f"Step {done} of {item.event.total_steps}: computing… scrub the "
+                                              "finished steps any time."), None
+        except VisualizerError as error:
+            raise UserError(str(error)) from None
+        except Exception as error:
+            raise _user_error(error) from error
+        finally:  # a closed tab lands here: the engine's generator is closed with this one
             if session and self._stops.get(session) is stop:
                 del self._stops[session]
-        if "error" in result:
-            raise _user_error(result["error"])
-        run = result["run"]
-        if not len(run):
+        runs = result if isinstance(result, list) else [result]
+        if not len(runs[0]):
             raise UserError("Stopped before the first step finished: nothing to show.")
-        run_id = self.store.add([run])
-        last = len(run) - 1
-        img2img = run.info.get("img2img")
-        start = (f" from the init image (strength {img2img['strength']}: steps {img2img['skipped_steps'] + 1}–"
-                 f"{run.settings.num_inference_steps} of the schedule)") if img2img else ""
-        status = ("Stopped early: " if run.info.get("stopped") else "Done: ") + \
-                 f"{len(run)} steps{start} in {run.info['seconds']:.1f} s ({run.info['unet_evaluations']} UNet evaluations)."
-        if run.info.get("truncated"):
-            notice = (notice + " " if notice else "") + \
-                     f"The prompt was cut at {run.info['token_limit']} tokens; ignored: “{run.info['dropped_text']}”."
-        yield (views.frame(run, last, "xt"), gr.update(minimum=1, maximum=max(1, len(run)), value=len(run), step=1,
-                                                       interactive=True),
-               run_id, _steps_table(run), status + " Drag the slider to revisit any step.", notice)
+        for cell, run in enumerate(runs):
+            files.add_run(cell, run)
+        self.store.add(runs, run_id=run_id)
+        self._files = {k: v for k, v in self._files.items() if k in self.store}
+        self._files[run_id] = files
+        stopped = runs[0].info.stopped
+        yield player_props(files, run_id, status=_status(runs[0]) if len(runs) == 1 else
+                           f"{'Stopped early' if stopped else 'Done'}: {len(runs)} samplers, one batched UNet call "
+                           "per round.", view="x0" if stopped else None), run_id
+
+    def generate(self, prompt, negative_prompt, seed, steps, guidance, sampler, width, height, model,
+                 init_image=None, strength=None, request: gr.Request = None):
+        """Stream the run into the player; end with the final image, the steps table and the panels.
+
+        With an `init_image` it is img2img at `strength`; without one, strength is ignored. **Stop** (see
+        `stop`) ends the loop early and the steps computed so far stay on the player.
+        """
+        settings = self.settings(prompt, negative_prompt, seed, steps, guidance, sampler, width, height, model,
+                                 init_image, strength)
+        notice = _vocabulary_notice(settings.prompt, settings.model)
+        cleared = (None, None, None, None, None)  # downloads and guidance of the previous run
+        for props, run_id in self._stream(settings, None, request):
+            if run_id is None:
+                yield gr.HTML(**props), gr.update(), gr.update(), gr.update(), props["status"], notice, *cleared, ""
+                continue
+            run = self.store.get(run_id)[0]
+            if run.info.truncated:
+                notice = (notice + " " if notice else "") + \
+                         f"The prompt was cut at {run.info.token_limit} tokens; ignored: “{run.info.dropped_text}”."
+            final = run.final_image if run.final_image is not None else run.frames["x0"][-1]
+            yield (gr.HTML(**props), final, run_id, _steps_table(run), props["status"], notice, *cleared,
+                   insight.pipeline_stages(run))
 
     def stop(self, request: gr.Request = None):
         """Ask this browser session's running generation to stop after the current step."""
@@ -150,73 +224,71 @@ class App:
             flag.set()
 
     def show_step(self, run_id, step, view_label):
-        """Slider / view change: the stored frame, no recomputation."""
-        if not run_id:
-            return None, ""
+        """API: the frame of a step in a view (by label or key) and its description."""
         run = self._runs(run_id)[0]
-        index = int(min(max(1, step), len(run))) - 1
+        index = int(min(max(1, step or 1), len(run))) - 1
         try:
-            image = views.frame(run, index, views.VIEWS.get(view_label, "xt"))
+            image = views.frame(run, index, views.VIEWS.get(view_label, view_label))
         except ValueError as error:
             raise UserError(str(error)) from None
         return image, views.describe(run, index)
 
-    def insight(self, run_id, step):
-        """The insight panels for a step: convergence and schedule plots, numbers, guidance, change, stages."""
+    def guidance(self, run_id, step):
+        """The guidance breakdown of a step (the last one when `step` is empty)."""
         if not run_id:
-            return (None,) * 9
+            return (None,) * 4
         run = self._runs(run_id)[0]
-        index = int(min(max(1, step), len(run))) - 1
+        index = int(min(max(1, step or len(run)), len(run))) - 1
+        parts = api.guidance_breakdown(run, index) or {}
+        return tuple(np.asarray(upscale(parts[k], 160)) if k in parts else None
+                     for k in ("uncond", "cond", "added", "guided"))
+
+    def insight(self, run_id, step):
+        """API: every insight panel of a step as images and text (the page draws its own)."""
+        run = self._runs(run_id)[0]
+        index = int(min(max(1, step or 1), len(run))) - 1
         convergence = insight.figure_png(insight.convergence_plot([run], current=index + 1))
         schedule = insight.figure_png(insight.schedule_plot(run, current=index + 1))
-        parts = insight.guidance_breakdown(run, index, load_pipeline(run.settings.model).vae)
-        big = lambda a: np.asarray(upscale(a, 160)) if a is not None else None  # noqa: E731
-        parts = parts or {}
-        return (convergence, schedule, insight.step_numbers(run, index), big(parts.get("uncond")),
-                big(parts.get("cond")), big(parts.get("added")), big(parts.get("guided")),
-                big(insight.change_heatmap(run, index)), insight.pipeline_stages(run))
+        return (convergence, schedule, insight.step_numbers(run, index), *self.guidance(run_id, index + 1),
+                np.asarray(upscale(insight.change_heatmap(run, index), 160)), insight.pipeline_stages(run))
 
-    def noise_image(self, run_id, image, step):
-        """Forward-noise an uploaded image (or the run's final image) at the run's noise levels."""
+    def noise_image(self, run_id, image):
+        """Forward-noise an uploaded image (or the run's final image) at the run's noise levels; a player view."""
         if not run_id:
             raise UserError("Generate a run first: its noise levels are the ones used.")
         run = self._runs(run_id)[0]
-        source = image if image is not None else run.final_image
-        if source is None:
-            raise UserError("This run was stopped before its final image: upload an image to noise.")
-        run.frames["forward"] = insight.forward_noising(run, source, load_pipeline(run.settings.model).vae)
-        index = int(min(max(1, step), len(run))) - 1
-        return (views.frame(run, index, "forward"), gr.update(value=list(views.VIEWS)[-1]),
-                f"Noised at the {len(run)} noise levels of this run; the slider moves through them.")
+        try:
+            run.frames["forward"] = api.forward_noising(run, image)
+        except SettingsError as error:
+            raise UserError(str(error)) from None
+        files = self._player_files(run_id)
+        files.add_view(0, "forward", run.frames["forward"])
+        props = player_props(files, run_id, status="Forward noising: pick the view “forward noising” and move "
+                                                   "the slider; denoising runs this film backwards.")
+        return gr.HTML(**props), f"Noised at the {len(run)} noise levels of this run; it is a view of the player now."
 
-    def compare(self, prompt, negative_prompt, seed, steps, guidance, samplers, width, height, model):
-        model = _check_model(model, self.config)
+    def compare(self, prompt, negative_prompt, seed, steps, guidance, samplers, width, height, model,
+                request: gr.Request = None):
         samplers = list(samplers or [])
         if not 2 <= len(samplers) <= 8:
             raise UserError(f"Pick 2 to 8 samplers to compare (you picked {len(samplers)}).")
-        try:
-            runs = api.compare(prompt, samplers, negative_prompt=negative_prompt, model=model,
-                               num_inference_steps=steps, guidance_scale=guidance, seed=seed,
-                               width=_size(width), height=_size(height))
-        except Exception as error:
-            raise _user_error(error) from error
-        run_id = self.store.add(runs)
-        finals = views.grid_frame(runs, 1.0)
-        curves = insight.figure_png(insight.convergence_plot(runs))
-        return (finals, gr.update(value=100), run_id, f"{len(runs)} samplers, one batched UNet call per round.",
-                curves)
+        settings = self.settings(prompt, negative_prompt, seed, steps, guidance, samplers[0], width, height, model)
+        for props, run_id in self._stream(settings, samplers, request):
+            if run_id is None:
+                yield gr.HTML(**props), gr.update(), gr.update(), props["status"], None
+                continue
+            yield gr.HTML(**props), views.grid_frame(self.store.get(run_id), 1.0), run_id, props["status"], None
 
     def show_grid(self, run_id, progress, view_label):
-        if not run_id:
-            return None
+        """API: the comparison at `progress` percent through every sampler's schedule."""
         runs = self._runs(run_id)
-        return views.grid_frame(runs, max(1.0, float(progress)) / 100, views.VIEWS.get(view_label, "xt"))
+        return views.grid_frame(runs, max(1.0, float(progress or 100)) / 100, views.VIEWS.get(view_label, view_label))
 
     def download(self, run_id, fmt, view_label):
         """Write one export of the stored run into its folder under the output dir; return the path."""
         runs = self._runs(run_id)
         folder = self.store.folder(run_id)
-        view = views.VIEWS.get(view_label, "xt")
+        view = views.VIEWS.get(view_label, view_label)
         view = view if view in ("xt", "x0", "both") else "xt"
         try:
             if fmt == "run":
@@ -234,52 +306,34 @@ class App:
             raise UserError(f"Could not write the {fmt} file: {error.strerror or error}.") from error
 
     def _runs(self, run_id):
+        if not run_id:
+            raise UserError("Generate a run first.")
         try:
-            return self.store.get(run_id, redecode=lambda run: decode_run(run, load_pipeline(run.settings.model).vae))
-        except RunExpired as error:
+            return self.store.get(run_id, redecode=api.redecode)
+        except VisualizerError as error:
             raise UserError(str(error)) from None
+
+    def _player_files(self, run_id) -> RunFiles:
+        if run_id not in self._files:  # dropped with its folder: write them again
+            self._files[run_id] = RunFiles.of_runs(self.store.folder(run_id) / "player", self._runs(run_id))
+        return self._files[run_id]
 
 
 def _user_error(error: Exception) -> gr.Error:
-    if isinstance(error, (ValueError, ModelLoadError, NonFiniteError)):
-        return UserError(str(error))
-    if isinstance(error, MemoryError) or "out of memory" in str(error).lower():
-        return UserError("Out of memory: try a smaller size, fewer samplers or fewer steps.")
-    return UserError(f"The run failed: {type(error).__name__}: {str(error)[:200]}")
-
-
-def _previewer(pipe, model: str):
-    """A cheap x0-hat preview for the first steps: TAESD where its weights are on this machine (SD models),
-    else the linear latent -> RGB approximation. Returns fn(latents) -> (uint8 frame, what it is)."""
-    taesd = None if model == EMBEDDED else _taesd(pipe.unet.device)
-    if taesd is not None:
-        return lambda x0: (taesd_decode(taesd, x0, pipe.vae.config.scaling_factor)[0], "TAESD preview")
-    factors = latent_rgb_factors(pipe.config.get("_name_or_path"))
-    return lambda x0: (latent_preview(x0, *factors)[0], "approximate preview (latent colours)")
-
-
-_TAESD: dict = {}
-
-
-def _taesd(device):
-    if device not in _TAESD:
-        _TAESD[device] = load_taesd(device)
-    return _TAESD[device]
-
-
-def _live_preview(decoder, event, previewer) -> tuple[np.ndarray, str]:
-    """(image, status line) during a run: the newest exact VAE frame of x0-hat, or until the first
-    batch is decoded, a cheap preview (labelled as such)."""
-    latest = decoder.latest(0, "x0")
-    total = event.total_steps
-    if latest is None:
-        image, what = previewer(event.x0)
-        return np.asarray(upscale(image)), f"Step {event.step.index} of {total} · {what} of x0-hat"
-    index, image = latest
-    return (np.asarray(upscale(image)),
-            f"Step {event.step.index} of {total} · showing x0-hat of step {index} (exact VAE decode)")
+    """The one message a person sees for a failed run; bugs keep their traceback in the log as well."""
+    message = user_message(error)
+    if message is None:
+        log.exception("run failed")
+        message = f"The run failed: {type(error).__name__}: {str(error)[:200]}"
+    return UserError(message)
 
 
 def _steps_table(run) -> list[list]:
     return [[s.index, round(s.timestep, 1), round(s.sigma, 4), round(s.noise_share, 4), s.evaluations]
             for s in run.steps]
+
+
+def warm_up(model: str) -> None:
+    """Load the default model and run one step, so the first Generate streams as fast as later ones."""
+    load_pipeline(model)
+    api.run(Settings(prompt="", model=model, num_inference_steps=1), frames=("x0",))

@@ -21,7 +21,7 @@ VIEWS = {  # UI label -> key
 }
 
 
-def _tiles(tensor: torch.Tensor) -> np.ndarray:
+def latent_tiles(tensor: torch.Tensor) -> np.ndarray:
     """[C, h, w] -> uint8 grey tiles side by side, each channel normalised to its own range."""
     tiles = []
     for channel in tensor.float():
@@ -40,9 +40,9 @@ def frame(run, index: int, view: str = "xt") -> np.ndarray:
             raise ValueError("No forward-noised image yet: open the Forward noising tab and press Noise it.")
         return np.asarray(upscale(run.frames["forward"][index], MIN_SIZE))
     if view == "latents":
-        image = _tiles(run.tensors["xt"][index])
+        image = latent_tiles(run.tensors["xt"][index])
     elif view == "noise":
-        image = _tiles(run.tensors["eps"][index])
+        image = latent_tiles(run.tensors["eps"][index])
     else:
         raise ValueError(f"Unknown view {view!r}.")
     return np.asarray(upscale(image, 128))

@@ -80,6 +80,7 @@ def assemble(unet_model, vae_model, encoder, tokenizer, prediction_type: str = "
     """
     scheduler = PNDMScheduler(**SD_BETAS, skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False,
                               prediction_type=prediction_type)
+    scheduler.register_to_config(clip_sample=False)  # as SD 1.x's config says: samplers never clip x0-hat
     return StableDiffusionPipeline(
         vae=vae_model, text_encoder=encoder, tokenizer=tokenizer, unet=unet_model, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,

@@ -12,7 +12,7 @@ from collections import Counter
 
 from ..decode import vae_decode
 from ..denoise import generate
-from ..run import DEFAULT_GUIDANCE, Settings
+from ..run import DEFAULTS, Settings
 from . import scenes
 from PIL import Image
 
@@ -26,12 +26,12 @@ def held_out_prompts() -> list[tuple[str, tuple[str, str, str]]]:
     return out
 
 
-def adherence(pipe, seeds=(0, 1, 2), samplers=("Euler", "DDIM", "DPM++ 2M"), guidances=(DEFAULT_GUIDANCE, 1.0),
+def adherence(pipe, seeds=(0, 1, 2), samplers=("Euler", "DDIM", "DPM++ 2M"), guidances=(DEFAULTS["guidance_scale"], 1.0),
               steps: int = 25) -> dict:
     """{guidance: {"all": rate, "color": rate, "shape": rate, "position": rate, "n": count}}"""
     results = {}
     for guidance in guidances:
-        guidance = DEFAULT_GUIDANCE if guidance is None else guidance
+        guidance = DEFAULTS["guidance_scale"] if guidance is None else guidance
         hits, total = Counter(), 0
         for prompt, (color, shape, position) in held_out_prompts():
             for sampler in samplers:

@@ -1,0 +1,98 @@
+"""Every view of every step written once as an image file, for a browser to load, cache and scrub.
+
+`RunFiles` follows a generation as it streams (step events, then exact frames as they are decoded) and
+ends with the finished runs; each cell is one run (one sampler). Small frames are PNG (lossless and
+tiny), large ones WebP. No gradio here: the UI turns the paths into URLs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .run import Run, Step
+from .insight import change_image
+from .views import latent_tiles
+
+PNG_MAX_SIDE = 256  # frames up to this size are PNG; larger ones WebP
+WEBP_QUALITY = 90
+STEP_KINDS = ("xt", "x0", "latents", "noise", "change")  # what every step gets; "forward" comes on request
+
+
+@dataclass
+class Cell:
+    label: str  # the sampler (or run) name shown on the cell
+    total: int  # steps the run will have
+    steps: list[Step] = field(default_factory=list)
+    paths: dict[str, list[Path | None]] = field(default_factory=dict)  # kind -> one file per step (None: not yet)
+    curve: list[float] | None = None  # 1 - SSIM of x0-hat to the final image, per step (finished runs)
+    structure: int | None = None  # the step where structure appears
+
+
+class RunFiles:
+    """The files of one generation (one or several runs in lockstep) under `folder`."""
+
+    def __init__(self, folder: Path, labels: list[str], totals: list[int]):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.cells = [Cell(label, total) for label, total in zip(labels, totals)]
+        self._previous_x0: dict[int, np.ndarray] = {}
+
+    def _write(self, cell: int, kind: str, index: int, image: np.ndarray) -> None:
+        """Write step `index` (0-based) of `kind` for `cell`, unless it is already there."""
+        paths = self.cells[cell].paths.setdefault(kind, [])
+        paths.extend([None] * (index + 1 - len(paths)))
+        if paths[index] is not None:
+            return
+        suffix = "png" if max(image.shape[:2]) <= PNG_MAX_SIDE else "webp"
+        path = self.folder / f"{cell}-{kind}-{index + 1:04d}.{suffix}"
+        Image.fromarray(image).save(path, **({"quality": WEBP_QUALITY} if suffix == "webp" else {}))
+        paths[index] = path
+
+    def add_step(self, event) -> None:
+        """A finished step: its numbers and the views computed from its tensors (latents, noise prediction)."""
+        cell = self.cells[event.sampler_index]
+        index = event.step.index - 1
+        if len(cell.steps) == index:
+            cell.steps.append(event.step)
+        self._write(event.sampler_index, "latents", index, latent_tiles(event.xt[0].float().cpu()))
+        self._write(event.sampler_index, "noise", index, latent_tiles(event.eps[0].float().cpu()))
+
+    def add_decoded(self, frames: dict[int, dict[str, list[np.ndarray]]]) -> None:
+        """Exact frames decoded so far (StreamingDecoder.frames): write the new ones, and each new x0-hat's change."""
+        for cell, kinds in frames.items():
+            for kind, items in kinds.items():
+                start = len(self.cells[cell].paths.get(kind, []))
+                for index in range(start, len(items)):
+                    self._write(cell, kind, index, items[index])
+                    if kind == "x0":
+                        self._write(cell, "change", index, change_image(items[index - 1] if index else None, items[index]))
+
+    def add_run(self, cell: int, run: Run) -> None:
+        """A finished run: whatever is still missing, the final numbers and the convergence curve."""
+        self.cells[cell].steps = list(run.steps)
+        self.cells[cell].total = len(run)
+        if {"xt", "eps"} <= set(run.tensors):  # a saved run may come without its tensors (frames only)
+            for index in range(len(run)):
+                self._write(cell, "latents", index, latent_tiles(run.tensors["xt"][index]))
+                self._write(cell, "noise", index, latent_tiles(run.tensors["eps"][index]))
+        self.add_decoded({cell: {k: run.frames[k] for k in ("xt", "x0") if k in run.frames}})
+        if run.info.metrics:
+            self.cells[cell].curve = [round(1 - m["ssim_x0_to_final"], 4) for m in run.info.metrics]
+            self.cells[cell].structure = run.info.structure_step
+
+    def add_view(self, cell: int, kind: str, frames: list[np.ndarray]) -> None:
+        """Another per-step view (e.g. forward noising), replacing any earlier one of that kind."""
+        self.cells[cell].paths[kind] = []
+        for index, frame in enumerate(frames):
+            self._write(cell, kind, index, frame)
+
+    @classmethod
+    def of_runs(cls, folder: Path, runs: list[Run]) -> "RunFiles":
+        """Files for runs that are already finished (a loaded example, a re-decoded run)."""
+        files = cls(folder, [r.settings.sampler for r in runs], [len(r) for r in runs])
+        for cell, run in enumerate(runs):
+            files.add_run(cell, run)
+        return files

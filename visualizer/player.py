@@ -1,0 +1,331 @@
+"""The in-page player: a `gr.HTML` template whose JavaScript holds every frame URL of the runs it shows.
+
+The server sends frame URLs (files written once, see frame_files.py) and per-step numbers as props; the
+page preloads each frame as it arrives, and the slider, arrow keys, Home/End and Play swap frames with no
+request to the server. The insight plots are drawn once per update in SVG and only their marker moves
+with the slider. One cell is a single run; several cells are a sampler comparison on one shared slider,
+each cell showing the step at the same progress through its own schedule.
+
+Props (all plain JSON):
+- `cells`: one per run: {label, total (steps it will have), steps: [{index, t, sigma, share, evals}],
+  frames: {kind: [url or null per step]}, curve: [1 - SSIM per step] or null, structure: step or null}
+- `views`: [[kind, label], ...] the View menu offers (kinds missing from a cell are skipped)
+- `live`: a run is computing; `progress`: 0..1 of it; `status`: one line; `run`: an id that changes per run
+- `view`: a view to switch to when it changes (a stopped run shows x0-hat, its best guess so far)
+- `panel`: the elem_id of a server-side panel that follows the step the person settles on (or null)
+- `value`: that step, sent to Python only while the panel is on screen: scrubbing makes no requests
+"""
+from __future__ import annotations
+
+TEMPLATE = """
+<div class="vp" tabindex="-1">
+  <div class="vp-bar" role="progressbar" aria-label="Run progress"><div class="vp-bar-fill"></div></div>
+  <div class="vp-cells"></div>
+  <div class="vp-controls">
+    <button class="vp-play" type="button" aria-label="Play">&#9654; Play</button>
+    <input class="vp-range" type="range" min="1" max="1" value="1" step="1" aria-label="Step">
+  </div>
+  <div class="vp-label" aria-live="polite"></div>
+  <div class="vp-options">
+    <label>View <select class="vp-view" aria-label="View"></select></label>
+    <label>Speed <select class="vp-speed" aria-label="Speed">
+      <option value="6">6 fps</option><option value="12">12 fps</option>
+      <option value="24" selected>24 fps</option><option value="48">48 fps</option></select></label>
+    <label><input class="vp-loop" type="checkbox" checked> Loop</label>
+    <span class="vp-status"></span>
+  </div>
+  <div class="vp-insight">
+    <div class="vp-tabs" role="tablist">
+      <button type="button" data-tab="convergence" class="on">Convergence</button>
+      <button type="button" data-tab="schedule">Schedule</button>
+      <button type="button" data-tab="numbers">Numbers</button>
+      <button type="button" data-tab="change">Change</button>
+    </div>
+    <div class="vp-panel" data-panel="convergence">
+      <svg class="vp-convergence" viewBox="0 0 640 240" role="img" aria-label="Convergence plot"></svg>
+      <p class="vp-explain">How far the model's guess (x0-hat) is from the final image at each step (1 - SSIM).
+        Dotted: where structure appears (the distance has halved since step 1). The ring follows the slider.</p>
+    </div>
+    <div class="vp-panel" data-panel="schedule" hidden>
+      <svg class="vp-schedule" viewBox="0 0 640 240" role="img" aria-label="Noise schedule plot"></svg>
+      <p class="vp-explain">The noise level of each step: sigma (log scale, left axis) and the share of the
+        model's input that is noise (right axis). The red line is the slider's step.</p>
+    </div>
+    <div class="vp-panel" data-panel="numbers" hidden><table class="vp-numbers"></table></div>
+    <div class="vp-panel" data-panel="change" hidden>
+      <div class="vp-change"></div>
+      <p class="vp-explain">What changed in x0-hat since the previous step: bright = large change. Early steps
+        change the layout, late steps only edges.</p>
+    </div>
+  </div>
+</div>
+"""
+
+CSS = """
+.vp { display: flex; flex-direction: column; gap: 6px; outline: none; }
+.vp-bar { height: 4px; background: var(--border-color-primary); border-radius: 2px; overflow: hidden; }
+.vp-bar-fill { height: 100%; width: 0; background: var(--color-accent); transition: width 0.1s linear; }
+.vp-cells { display: grid; gap: 6px; }
+.vp-cell { margin: 0; display: flex; flex-direction: column; align-items: center; min-width: 0; }
+.vp-imgs { display: flex; gap: 4px; width: 100%; justify-content: center; }
+.vp-imgs img { image-rendering: pixelated; width: 100%; max-width: var(--vp-size, 400px); aspect-ratio: 1;
+  object-fit: contain; background: #141418; border-radius: 4px; min-width: 0; }
+.vp-cells.both .vp-imgs img { max-width: calc(var(--vp-size, 400px) / 2); }
+.vp-cell figcaption { font-size: 13px; line-height: 1.3; margin-top: 2px; text-align: center;
+  color: var(--body-text-color); }
+.vp-controls { display: flex; align-items: center; gap: 8px; }
+.vp-range { flex: 1; min-width: 0; accent-color: var(--color-accent); }
+.vp-play { min-width: 84px; padding: 4px 10px; border-radius: 6px; border: 1px solid var(--border-color-primary);
+  background: var(--button-secondary-background-fill); color: var(--body-text-color); cursor: pointer; }
+.vp-label { font-size: 14px; font-variant-numeric: tabular-nums; }
+.vp-options { display: flex; flex-wrap: wrap; gap: 12px; align-items: center; font-size: 13px; }
+.vp-options select { padding: 2px 4px; border-radius: 4px; border: 1px solid var(--border-color-primary);
+  background: var(--background-fill-primary); color: var(--body-text-color); }
+.vp-status { color: var(--body-text-color-subdued); }
+.vp-tabs { display: flex; flex-wrap: wrap; gap: 4px; border-bottom: 1px solid var(--border-color-primary); }
+.vp-tabs button { padding: 4px 10px; border: none; background: none; cursor: pointer; font-size: 13px;
+  color: var(--body-text-color-subdued); border-bottom: 2px solid transparent; }
+.vp-tabs button.on { color: var(--body-text-color); border-bottom-color: var(--color-accent); }
+.vp-panel svg { width: 100%; max-width: 640px; height: auto; }
+.vp-explain { font-size: 12px; color: var(--body-text-color-subdued); margin: 2px 0; }
+.vp-numbers { font-size: 13px; border-collapse: collapse; }
+.vp-numbers td, .vp-numbers th { padding: 2px 8px; border-bottom: 1px solid var(--border-color-primary); text-align: right; }
+.vp-change { display: flex; flex-wrap: wrap; gap: 6px; }
+.vp-change figure { margin: 0; text-align: center; font-size: 12px; }
+.vp-change img { image-rendering: pixelated; width: 160px; height: 160px; object-fit: contain; }
+"""
+
+JS = r"""
+const $ = (sel) => element.querySelector(sel);
+const range = $('.vp-range'), label = $('.vp-label'), play = $('.vp-play'), viewSel = $('.vp-view');
+const speed = $('.vp-speed'), loop = $('.vp-loop'), status = $('.vp-status'), cellsBox = $('.vp-cells');
+const COLORS = ['#e4572e', '#17bebb', '#ffc914', '#76b041', '#a06cd5', '#2e86ab', '#f18f01', '#c73e1d'];
+const cache = new Map();  // url -> Image kept alive: every frame is fetched once, then served from memory
+let figures = [], timer = null, follow = true, runId = null, settled = 0, askedView = null;
+
+function preload(url) { if (url && !cache.has(url)) { const im = new Image(); im.src = url; cache.set(url, im); } }
+function cells() { return props.cells || []; }
+function positions() { return Math.max(1, ...cells().map(c => c.total || 1)); }
+function available() { return Math.max(0, ...cells().map(c => (c.steps || []).length)); }
+function indexFor(cell, p) {  // the cell's step (0-based) at the same progress as position p
+  const n = cell.total || 1;
+  return Math.max(0, Math.min(n - 1, Math.ceil(p / positions() * n) - 1));
+}
+function frameAt(cell, kind, i) {  // newest frame of `kind` at or before step i: [url, step]
+  const list = (cell.frames || {})[kind] || [];
+  for (let k = Math.min(i, list.length - 1); k >= 0; k--) if (list[k]) return [list[k], k];
+  return [null, -1];
+}
+function fmt(x, d) { return Number.isFinite(x) ? x.toFixed(d) : String(x); }
+
+function build() {  // one figure per cell; rebuilt only when the number of cells or the view's shape changes
+  const kinds = viewSel.value === 'both' ? ['xt', 'x0'] : [viewSel.value];
+  cellsBox.innerHTML = '';
+  cellsBox.classList.toggle('both', viewSel.value === 'both');
+  const n = cells().length;
+  cellsBox.style.gridTemplateColumns = `repeat(${n > 1 ? Math.min(n, n === 4 ? 2 : 4) : 1}, minmax(0, 1fr))`;
+  cellsBox.style.setProperty('--vp-size', n > 1 ? '260px' : '400px');
+  figures = cells().map(() => {
+    const fig = document.createElement('figure'); fig.className = 'vp-cell';
+    const imgs = document.createElement('div'); imgs.className = 'vp-imgs';
+    const list = kinds.map(kind => { const im = document.createElement('img'); im.alt = kind; imgs.appendChild(im); return im; });
+    const cap = document.createElement('figcaption');
+    fig.append(imgs, cap); cellsBox.appendChild(fig);
+    return { imgs: list, kinds, cap };
+  });
+}
+
+function show(p) {  // put position p on screen: frames, captions, label, plot markers; no request
+  p = Math.max(1, Math.min(positions(), p | 0));
+  if (String(range.value) !== String(p)) range.value = p;
+  const all = cells();
+  all.forEach((cell, c) => {
+    const f = figures[c]; if (!f) return;
+    const i = indexFor(cell, p);
+    let shownStep = -1;
+    f.imgs.forEach((im, k) => {
+      const [url, step] = frameAt(cell, f.kinds[k], i);
+      if (url && im.getAttribute('src') !== url) im.src = url;
+      shownStep = Math.max(shownStep, step);
+      im.style.visibility = url ? 'visible' : 'hidden';
+    });
+    const s = (cell.steps || [])[Math.min(i, (cell.steps || []).length - 1)];
+    const pending = shownStep < i ? ` · step ${i + 1} still computing` : '';
+    f.cap.textContent = all.length > 1 ? cell.label + ' · ' +
+      (s ? `step ${shownStep + 1}/${cell.total} · t=${fmt(s.t, 0)} · sigma=${fmt(s.sigma, 2)}` : '') + pending
+      : shownStep < 0 ? 'not decoded yet' : pending.replace(' · ', '');
+  });
+  const first = all[0];
+  if (first) {
+    const i = indexFor(first, p), s = (first.steps || [])[i];
+    label.textContent = all.length > 1
+      ? `${Math.round(p / positions() * 100)}% through each schedule (position ${p} of ${positions()})`
+      : s ? `Step ${s.index} of ${first.total} · timestep t = ${fmt(s.t, 0)} · sigma = ${fmt(s.sigma, 3)} · noise ${Math.round(s.share * 100)}%` +
+            (s.evals > 1 ? ` · ${s.evals} model evaluations` : '') : `Step ${i + 1} of ${first.total} · computing…`;
+  } else label.textContent = 'No run yet: press Generate.';
+  markers(p); numbers(p); change(p);
+}
+
+function scale(v, lo, hi, a, b) { return hi === lo ? (a + b) / 2 : a + (v - lo) / (hi - lo) * (b - a); }
+const X0 = 48, X1 = 600, Y0 = 200, Y1 = 16;
+function axes(svg, xlabel, ylabel, y2label) {
+  return `<line x1="${X0}" y1="${Y0}" x2="${X1}" y2="${Y0}" stroke="currentColor" stroke-opacity=".4"/>` +
+    `<line x1="${X0}" y1="${Y0}" x2="${X0}" y2="${Y1}" stroke="currentColor" stroke-opacity=".4"/>` +
+    `<text x="${(X0 + X1) / 2}" y="232" font-size="13" text-anchor="middle" fill="currentColor">${xlabel}</text>` +
+    `<text x="14" y="${(Y0 + Y1) / 2}" font-size="13" text-anchor="middle" fill="currentColor" transform="rotate(-90 14 ${(Y0 + Y1) / 2})">${ylabel}</text>` +
+    (y2label ? `<text x="628" y="${(Y0 + Y1) / 2}" font-size="13" text-anchor="middle" fill="currentColor" transform="rotate(90 628 ${(Y0 + Y1) / 2})">${y2label}</text>` : '');
+}
+function legend(items) {
+  return items.map(([text, color, dash], k) => `<g transform="translate(${X1 - 170},${Y1 + 4 + k * 16})">` +
+    `<line x1="0" y1="0" x2="18" y2="0" stroke="${color}" stroke-width="2" ${dash ? 'stroke-dasharray="4 3"' : ''}/>` +
+    `<text x="24" y="4" font-size="12" fill="currentColor">${text}</text></g>`).join('');
+}
+function plots() {  // drawn once per update; `markers` moves only the slider's marks
+  const conv = $('.vp-convergence'), sched = $('.vp-schedule');
+  let svg = axes(conv, 'progress through the schedule (%)', '1 - SSIM to the final image') +
+    `<text x="${X0 - 4}" y="${Y1 + 4}" font-size="11" text-anchor="end" fill="currentColor">1</text>` +
+    `<text x="${X0 - 4}" y="${Y0}" font-size="11" text-anchor="end" fill="currentColor">0</text>` +
+    `<text x="${X0}" y="215" font-size="11" text-anchor="middle" fill="currentColor">0</text>` +
+    `<text x="${X1}" y="215" font-size="11" text-anchor="middle" fill="currentColor">100</text>`;
+  const items = [];
+  cells().forEach((cell, c) => {
+    if (!cell.curve) return;
+    const color = COLORS[c % COLORS.length], n = cell.total;
+    const pts = cell.curve.map((v, i) => `${scale((i + 1) / n, 0, 1, X0, X1)},${scale(v, 0, 1, Y0, Y1)}`).join(' ');
+    svg += `<polyline points="${pts}" fill="none" stroke="${color}" stroke-width="2"/>`;
+    if (cell.structure) {
+      const x = scale(cell.structure / n, 0, 1, X0, X1);
+      svg += `<line x1="${x}" x2="${x}" y1="${Y0}" y2="${Y1}" stroke="${color}" stroke-dasharray="2 3"/>` +
+        `<text x="${x + 3}" y="${Y1 + 60 + c * 14}" font-size="12" fill="${color}">structure at step ${cell.structure}</text>`;
+    }
+    svg += `<circle class="vp-mark" data-cell="${c}" r="7" fill="none" stroke="crimson" stroke-width="2" cx="-20" cy="-20"/>`;
+    items.push([cell.label, color]);
+  });
+  if (!items.length) svg += `<text x="320" y="110" text-anchor="middle" font-size="14" fill="currentColor">${
+    props.live ? 'Filled when the run finishes.' : 'No curve: the run stopped before its final image.'}</text>`;
+  conv.innerHTML = svg + legend(items);
+  const first = cells()[0];
+  let s2 = axes(sched, 'step', 'sigma (log scale)', 'noise share');
+  if (first && first.steps.length) {
+    const sig = first.steps.map(s => Math.log10(Math.max(s.sigma, 1e-3)));
+    const lo = Math.min(...sig), hi = Math.max(...sig), n = first.total;
+    const xs = first.steps.map(s => scale(s.index, 1, Math.max(n, 2), X0, X1));
+    s2 += `<polyline points="${xs.map((x, i) => `${x},${scale(sig[i], lo, hi, Y0, Y1)}`).join(' ')}" fill="none" stroke="#2e86ab" stroke-width="2"/>`;
+    s2 += `<polyline points="${xs.map((x, i) => `${x},${scale(first.steps[i].share, 0, 1, Y0, Y1)}`).join(' ')}" fill="none" stroke="#f18f01" stroke-width="2" stroke-dasharray="4 3"/>`;
+    s2 += `<text x="${X0 - 4}" y="${Y1 + 4}" font-size="11" text-anchor="end" fill="currentColor">${fmt(10 ** hi, 2)}</text>` +
+      `<text x="${X0 - 4}" y="${Y0}" font-size="11" text-anchor="end" fill="currentColor">${fmt(10 ** lo, 3)}</text>`;
+    s2 += `<line class="vp-mark-line" x1="-9" x2="-9" y1="${Y0}" y2="${Y1}" stroke="crimson" stroke-width="2"/>`;
+  }
+  sched.innerHTML = s2 + legend([['sigma (log)', '#2e86ab'], ['noise share', '#f18f01', true]]);
+}
+function markers(p) {
+  element.querySelectorAll('.vp-mark').forEach(m => {
+    const cell = cells()[+m.dataset.cell]; if (!cell || !cell.curve) return;
+    const i = Math.min(indexFor(cell, p), cell.curve.length - 1);
+    m.setAttribute('cx', scale((i + 1) / cell.total, 0, 1, X0, X1));
+    m.setAttribute('cy', scale(cell.curve[i], 0, 1, Y0, Y1));
+  });
+  const line = $('.vp-mark-line'), first = cells()[0];
+  if (line && first) { const x = scale(indexFor(first, p) + 1, 1, Math.max(first.total, 2), X0, X1); line.setAttribute('x1', x); line.setAttribute('x2', x); }
+}
+function numbers(p) {
+  const rows = cells().map(cell => {
+    const s = (cell.steps || [])[indexFor(cell, p)];
+    if (!s) return '';
+    const snr = s.sigma > 0 ? 1 / (s.sigma * s.sigma) : Infinity;
+    return `<tr><td>${cell.label}</td><td>${s.index} / ${cell.total}</td><td>${fmt(s.t, 1)}</td><td>${fmt(s.sigma, 4)}</td>` +
+      `<td>${snr === Infinity ? '∞' : snr.toPrecision(4)}</td><td>${(s.share * 100).toFixed(1)}%</td><td>${s.evals}</td></tr>`;
+  }).join('');
+  $('.vp-numbers').innerHTML = '<tr><th>run</th><th>step</th><th>t</th><th>sigma</th><th>SNR</th><th>noise share</th><th>evaluations</th></tr>' + rows;
+}
+function change(p) {
+  const box = $('.vp-change');
+  if (box.children.length !== cells().length) {
+    box.innerHTML = cells().map(c => `<figure><img alt="change heatmap"><figcaption>${c.label}</figcaption></figure>`).join('');
+  }
+  cells().forEach((cell, c) => {
+    const [url] = frameAt(cell, 'change', indexFor(cell, p));
+    const im = box.children[c].querySelector('img');
+    if (url && im.getAttribute('src') !== url) im.src = url;
+    im.style.visibility = url ? 'visible' : 'hidden';
+  });
+}
+
+function stop() { if (timer) { clearInterval(timer); timer = null; } play.innerHTML = '&#9654; Play'; play.setAttribute('aria-label', 'Play'); }
+function start() {
+  stop();
+  if (+range.value >= positions()) show(1);
+  follow = false;
+  play.innerHTML = '&#10074;&#10074; Pause'; play.setAttribute('aria-label', 'Pause');
+  timer = setInterval(() => {
+    let p = +range.value + 1;
+    if (p > positions()) { if (loop.checked && !props.live) p = 1; else { stop(); settle(); return; } }
+    show(p);
+  }, 1000 / +speed.value);
+}
+function panelOnScreen() {
+  const panel = props.panel && document.getElementById(props.panel);
+  if (!panel || panel.offsetParent === null) return false;
+  const box = panel.getBoundingClientRect();
+  return box.bottom > 0 && box.top < window.innerHeight;
+}
+function settle() {  // tell the server where the person stopped, for its panel, only while that panel shows
+  if (+range.value !== settled && panelOnScreen()) { settled = +range.value; props.value = settled; }
+}
+if (props.panel && window.IntersectionObserver) {  // scrolled or switched into view: bring it up to date
+  const watchPanel = () => {
+    const panel = document.getElementById(props.panel);
+    if (!panel) return setTimeout(watchPanel, 500);
+    new IntersectionObserver(entries => { if (entries.some(e => e.isIntersecting)) settle(); }).observe(panel);
+  };
+  watchPanel();
+}
+
+function sync() {  // new props from the server: more frames, a new run, or a finished one
+  if (props.run !== runId) { runId = props.run; follow = true; settled = 0; stop(); }
+  // every view is offered from the start (frames fill in as they are decoded); forward noising once it exists
+  const views = (props.views || []).filter(([k]) => k !== 'forward' || cells().some(c => c.frames && c.frames.forward));
+  const wanted = views.map(v => v[0]).join(',');
+  if (viewSel.dataset.kinds !== wanted) {
+    const keep = viewSel.value;
+    viewSel.innerHTML = views.map(([k, l]) => `<option value="${k}">${l}</option>`).join('');
+    viewSel.dataset.kinds = wanted;
+    if (views.some(v => v[0] === keep)) viewSel.value = keep;
+  }
+  if (props.view && props.view !== askedView && views.some(v => v[0] === props.view)) {
+    viewSel.value = props.view; follow = true;  // e.g. a stopped run: its latest x0-hat, the best guess so far
+  }
+  askedView = props.view || null;
+  cells().forEach(c => Object.values(c.frames || {}).forEach(list => list.forEach(preload)));
+  const shape = cells().length + ':' + viewSel.value;
+  if (cellsBox.dataset.shape !== shape) { build(); cellsBox.dataset.shape = shape; }
+  range.max = positions();
+  $('.vp-bar-fill').style.width = `${Math.round((props.live ? props.progress || 0 : 1) * 100)}%`;
+  $('.vp-bar').style.visibility = props.live ? 'visible' : 'hidden';
+  status.textContent = props.status || '';
+  plots();
+  if (follow) {
+    const n = available(), first = cells()[0];
+    show(props.live && first ? Math.max(1, Math.ceil(n / Math.max(1, first.total) * positions())) : positions());
+  } else show(+range.value);
+}
+
+range.addEventListener('input', () => { follow = false; stop(); show(+range.value); });
+range.addEventListener('change', settle);
+range.addEventListener('keyup', settle);
+play.addEventListener('click', () => timer ? (stop(), settle()) : start());
+speed.addEventListener('change', () => { if (timer) start(); });
+viewSel.addEventListener('change', () => { build(); cellsBox.dataset.shape = cells().length + ':' + viewSel.value; show(+range.value); });
+element.querySelectorAll('.vp-tabs button').forEach(b => b.addEventListener('click', () => {
+  element.querySelectorAll('.vp-tabs button').forEach(o => o.classList.toggle('on', o === b));
+  element.querySelectorAll('.vp-panel').forEach(panel => { panel.hidden = panel.dataset.panel !== b.dataset.tab; });
+}));
+watch(['cells', 'live', 'progress', 'status', 'run', 'views', 'view'], sync);
+sync();
+"""
+
+
+def step_props(step) -> dict:
+    """A run.Step as the player's per-step numbers."""
+    return {"index": step.index, "t": step.timestep, "sigma": step.sigma, "share": step.noise_share,
+            "evals": step.evaluations}
