@@ -175,3 +175,17 @@ def test_img2img_from_an_uploaded_image(client, tiny_model, tmp_path):
     assert "Init image (img2img)" in stages and "the first 5 steps are skipped" in stages
     full = generate(client, tiny_model, steps=10)  # no image: strength is ignored, all 10 steps run
     assert steps_of(full) == 10
+
+
+def test_a_persons_mistake_logs_one_line_not_a_traceback(client, tiny_model, app):
+    from gradio_client.exceptions import AppError
+
+    log = app[2]
+    before = log.read_text()
+    with pytest.raises(AppError, match="Pick 2 to 8 samplers"):
+        client.predict("a red circle", "", 3, 4, 7.5, ["Euler"], 0, 0, tiny_model, api_name="/compare")
+    with pytest.raises(AppError, match="multiple of 8"):
+        generate(client, tiny_model, width=100)
+    added = log.read_text()[len(before):]
+    assert "Traceback" not in added
+    assert added.count("Pick 2 to 8 samplers") == 1 and added.count("multiple of 8") == 1

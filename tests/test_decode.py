@@ -14,21 +14,50 @@ def test_cpu_batches_small_frames_and_decodes_large_ones_one_by_one(tiny_pipe):
     assert decode_batch_size(vae, torch.zeros(1, 4, 64, 64)) == 1  # 256x256
 
 
-def test_streaming_frames_exist_during_the_run_and_equal_the_exact_decode(tiny_model, tiny_pipe):
-    decoder = StreamingDecoder(tiny_pipe.vae)
-    seen = []
-
+def _run_with(decoder, tiny_model, tiny_pipe, seen):
     def on_step(event):
         decoder(event)
-        seen.append(decoder.latest(0, "xt"))
+        seen.append(decoder.latest(0, "xt")[0] if decoder.latest(0, "xt") else None)
 
-    run = generate(Settings(prompt="a red circle", model=tiny_model, num_inference_steps=10, seed=2), tiny_pipe,
-                   callback=on_step)
+    return generate(Settings(prompt="a red circle", model=tiny_model, num_inference_steps=10, seed=2), tiny_pipe,
+                    callback=on_step)
+
+
+def test_without_a_budget_each_block_is_decoded_as_it_completes(tiny_model, tiny_pipe):
+    decoder, seen = StreamingDecoder(tiny_pipe.vae, budget=None), []
+    run = _run_with(decoder, tiny_model, tiny_pipe, seen)
+    assert seen == [None, None, None, 4, 4, 4, 4, 8, 8, 8]  # blocks of 4 steps x 2 kinds = 8 frames (32x32)
     decoder.finish([run])
-    assert seen[3] is not None and seen[3][0] == 4  # 4 steps x 2 kinds = one batch of 8, decoded at step 4
     for kind in ("xt", "x0"):  # batched and one-by-one convolutions may round differently: 2/255 at most
         exact = vae_decode(tiny_pipe.vae, run.tensors[kind], batch_size=1).astype(int)
         assert np.abs(np.stack(run.frames[kind]).astype(int) - exact).max() <= 2, kind
-    # the final image is the last x_t frame (decoded in a batch): equal to a lone decode up to that rounding
-    lone = vae_decode(tiny_pipe.vae, run.tensors["latents"][-1:])[0].astype(int)
-    assert np.array_equal(run.final_image, run.frames["xt"][-1]) and np.abs(run.final_image - lone).max() <= 2
+
+
+def test_the_budget_leaves_blocks_for_after_the_loop_and_the_final_image_comes_first(tiny_model, tiny_pipe):
+    decoder, seen = StreamingDecoder(tiny_pipe.vae, budget=0.0), []
+    run = _run_with(decoder, tiny_model, tiny_pipe, seen)
+    assert seen[:4] == [None, None, None, 4]  # a zero budget: only the first block (nothing decoded yet)
+    assert seen[-1] == 4
+    drain = decoder.drain([run])
+    left = next(drain)
+    assert sorted(decoder.frames[0]["xt"]) == [0, 1, 2, 3, 9] and left == 11  # the final image before the rest
+    assert list(drain)[-1] == 0
+    decoder.finish([run])
+    assert len(run.frames["xt"]) == len(run.frames["x0"]) == 10
+    exact = vae_decode(tiny_pipe.vae, run.tensors["x0"], batch_size=1).astype(int)
+    assert np.abs(np.stack(run.frames["x0"]).astype(int) - exact).max() <= 2
+    # the final image is the last x_t frame, decoded alone: exactly a lone decode of the final latents
+    lone = vae_decode(tiny_pipe.vae, run.tensors["latents"][-1:])[0]
+    assert np.array_equal(run.final_image, run.frames["xt"][-1]) and np.array_equal(run.final_image, lone)
+
+
+def test_frames_are_bit_identical_whatever_the_timing(tiny_model, tiny_pipe):
+    """Fixed blocks: a frame's batch does not depend on how fast the run went (the load test relies on it)."""
+    runs = []
+    for budget in (None, 0.0):
+        decoder = StreamingDecoder(tiny_pipe.vae, budget=budget)
+        run = _run_with(decoder, tiny_model, tiny_pipe, [])
+        decoder.finish([run])
+        runs.append(run)
+    for kind in ("xt", "x0"):
+        assert all(np.array_equal(a, b) for a, b in zip(runs[0].frames[kind], runs[1].frames[kind])), kind

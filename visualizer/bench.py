@@ -3,7 +3,8 @@
 Rows, each the median of `repeats` runs on the same model, prompt, seed and settings:
 - plain: `StableDiffusionPipeline.__call__` with no capture (the floor);
 - naive: the same call with a `callback_on_step_end` that VAE-decodes the latents every step;
-- ours: the visualizer's run (every step's x_t and x0-hat decoded in batches as the steps finish);
+- ours, final image: the visualizer's run until its final image is decoded (live exact frames within the
+  decode budget of decode.StreamingDecoder); ours, frames: until every x_t (and x0-hat) frame is decoded;
 - grid: 4 samplers in lockstep vs 4 sequential plain runs;
 - scrub: serving an already-decoded frame for the slider (median over all steps);
 - export: GIF and MP4 of 50 frames of 512x512.
@@ -21,10 +22,10 @@ import numpy as np
 import torch
 
 from . import api, views
-from .decode import latent_preview, latent_rgb_factors, vae_decode
+from .decode import vae_decode
 from .export import prepare, save_gif, save_mp4
 from .models import load_pipeline
-from .run import DEFAULTS
+from .run import DEFAULTS, Settings
 from .samplers import make_scheduler
 
 PROMPT = "a large red circle in the centre"
@@ -77,19 +78,20 @@ def measure_model(model: str, size: int | None, steps: int, repeats: int) -> dic
             return tensors
         pipe(PROMPT, generator=generator(), output_type="np", callback_on_step_end=decode_each, **kwargs)
 
-    factors = latent_rgb_factors(pipe.config.get("_name_or_path"))
     marks: dict = {}
+    settings = Settings(prompt=PROMPT, model=model, sampler="Euler", num_inference_steps=steps, width=size, height=size)
 
     def ours_final():
-        """The visualizer's loop (capturing everything) with a live latent preview every step, then the final decode."""
-        run = api.run(PROMPT, model=model, sampler="Euler", num_inference_steps=steps, width=size, height=size,
-                      frames=(), callback=lambda e: latent_preview(e.x0, *factors))
-        vae_decode(pipe.vae, run.tensors["latents"][-1:])
+        """The visualizer's run (capturing everything, exact live frames within the decode budget) until its final
+        image is decoded."""
+        items = api.stream(settings)
+        next(item for item in items if isinstance(item, api.DecodeUpdate))
+        items.close()
 
     def ours_frames(kinds):
-        """Until every step's frame of `kinds` exists (decoded in batches as the steps finish)."""
-        marks["run"] = api.run(PROMPT, model=model, sampler="Euler", num_inference_steps=steps, width=size,
-                               height=size, frames=kinds)
+        """Until every step's frame of `kinds` exists (and, with both kinds, the convergence metrics)."""
+        marks["run"] = api.run(settings, frames=kinds)
+
 
     plain(), naive(), ours_final(), ours_frames(("xt",))  # warm up
     rows = {"plain": [], "naive": [], "ours_final_image": [], "ours_xt_frames": [], "ours_xt_and_x0_frames": []}
@@ -109,7 +111,7 @@ def measure_model(model: str, size: int | None, steps: int, repeats: int) -> dic
         total = 0.0
         for name in GRID_SAMPLERS:
             pipe.scheduler = make_scheduler(name, pipe.scheduler.config)
-            total += _timed(plain)
+            total += _timed(plain)  # noqa: B023
         return total
 
     sequential = statistics.median(sequential_plain() for _ in range(repeats))
@@ -132,16 +134,21 @@ def measure_export(frames: int = 50, size: int = 512) -> dict:
 
 
 def main(quick: bool = False, repeats: int = 3, out: Path = Path("bench.json"), sd15_size: int = 256,
-         sd15_steps: int = 10) -> dict:
+         sd15_steps: int = 10, app: bool = False) -> dict:
     report = {"machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
                          f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}",
               "torch": torch.__version__, "models": {}}
-    report["models"]["embedded (64x64, 25 steps)"] = measure_model("embedded", None, 25, repeats)
+    # all model work on the engine thread, as in the app (torch's thread pool is per calling thread; see api)
+    report["models"]["embedded (64x64, 25 steps)"] = api.on_engine(measure_model, "embedded", None, 25, repeats)
     if not quick:
-        folder = sd15_random(Path(tempfile.gettempdir()) / "visualizer-sd15-random")
+        folder = api.on_engine(sd15_random, Path(tempfile.gettempdir()) / "visualizer-sd15-random")
         name = f"SD 1.5 architecture, random weights ({sd15_size}x{sd15_size}, {sd15_steps} steps)"
-        report["models"][name] = measure_model(str(folder), sd15_size, sd15_steps, max(1, repeats - 2))
+        report["models"][name] = api.on_engine(measure_model, str(folder), sd15_size, sd15_steps, max(1, repeats - 2))
     report["export"] = measure_export()
+    if app:
+        from . import bench_app
+
+        report["app"] = bench_app.main(repeats)
     out.write_text(json.dumps(report, indent=2))
     print(format_table(report))
     return report
@@ -160,4 +167,8 @@ def format_table(report: dict) -> str:
                      f"{r['ours_xt_x0_over_naive']:.2f}x | {r['grid_ratio']:.2f}x | {r['scrub_median_ms']:.1f} |")
     e = report["export"]
     lines += ["", f"export of 50 frames at 512x512: GIF {e['gif_50x512_s']:.2f} s, MP4 {e['mp4_50x512_s']:.2f} s"]
+    if "app" in report:
+        from .bench_app import format_rows
+
+        lines += ["", "app (Chromium, one app process, the embedded model):", format_rows(report["app"])]
     return "\n".join(lines)

@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--sd15-size", type=int, default=256, help="image size of the SD 1.5-architecture rows (512 on a GPU)")
     p.add_argument("--sd15-steps", type=int, default=10, help="steps of the SD 1.5-architecture rows (25 on a GPU)")
+    p.add_argument("--app", action="store_true",
+                   help="also the app in Chromium: time to the final image, slider latency, Play's frame rate")
     p.add_argument("--out", type=Path, default=Path("bench.json"))
     return parser
 
@@ -196,7 +198,7 @@ def cmd_bench(args) -> None:
     from .bench import main as bench_main
 
     bench_main(quick=args.quick, repeats=args.repeats, out=args.out, sd15_size=args.sd15_size,
-               sd15_steps=args.sd15_steps)
+               sd15_steps=args.sd15_steps, app=args.app)
 
 
 def _warn_truncation(run) -> None:

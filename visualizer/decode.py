@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -28,6 +30,9 @@ LATENT_RGB_FILE = "latent_rgb.json"  # optional, in a model folder: {"factors": 
 # 2.8 s per frame in batches of 8). GPUs batch freely.
 CPU_BATCH_PIXELS = 8 * 64 * 64
 GPU_BATCH = 8
+# During a run, decode the newest step only while decoding has used at most this share of the run's time:
+# the live frames then slow the denoising by at most ~10%, and the rest is decoded in batches after it.
+LIVE_DECODE_BUDGET = 0.10
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -108,43 +113,74 @@ def taesd_decode(taesd, latents: torch.Tensor, scaling_factor: float) -> np.ndar
 
 
 class StreamingDecoder:
-    """A step callback that VAE-decodes each finished step's x_t and x0-hat in batches during the run.
+    """A step callback that VAE-decodes the x_t and x0-hat frames of finished steps, exactly, in an order a
+    person watching the run wants them, and the same way every time.
 
-    Batching amortises the decoder's per-call cost where that pays (small frames, GPUs; see
-    `decode_batch_size`); decoding as steps finish means the slider has exact frames while the run is
-    still going. `finish` decodes what is left and hands the frames to the runs.
+    Frames are decoded in fixed blocks of consecutive steps (`decode_batch_size` frames: batching amortises
+    the decoder's per-call cost, and a frame's rounding depends on its batch, so fixed blocks make every
+    frame bit-identical from run to run, whatever the timing). During the run a block is decoded as soon as
+    it is complete, while decoding has used at most `budget` of the run's time so far; the others wait, so
+    the denoising is slowed by at most that share. After the loop, `drain` decodes each finished run's final
+    image first (alone), then the waiting blocks. `budget=None` decodes every block as it completes.
     """
 
-    def __init__(self, vae, kinds: tuple[str, ...] = ("xt", "x0"), batch_size: int | None = None):
-        self.vae, self.kinds, self.batch_size = vae, kinds, batch_size
-        self.frames: dict[int, dict[str, list[np.ndarray]]] = {}
-        self._pending: list[tuple[int, str, torch.Tensor]] = []
+    def __init__(self, vae, kinds: tuple[str, ...] = ("xt", "x0"), budget: float | None = LIVE_DECODE_BUDGET):
+        self.vae, self.kinds, self.budget = vae, kinds, budget
+        self.frames: dict[int, dict[str, dict[int, np.ndarray]]] = {}  # sampler -> kind -> step (0-based) -> frame
+        self._filling: dict[int, list] = {}  # sampler -> the block being filled: [(sampler, kind, step, latents)]
+        self._waiting: list[list] = []  # complete blocks not decoded yet
+        self._block_steps: int | None = None
+        self._started: float | None = None
+        self._decoding = 0.0  # seconds spent decoding so far
 
     def __call__(self, event) -> None:
-        for kind in self.kinds:
-            self._pending.append((event.sampler_index, kind, getattr(event, kind)))
-        self.batch_size = self.batch_size or decode_batch_size(self.vae, event.latents)
-        if len(self._pending) >= self.batch_size:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self._pending:
+        self._started = self._started or time.perf_counter()
+        if self._block_steps is None:
+            self._block_steps = max(1, decode_batch_size(self.vae, event.latents) // len(self.kinds))
+        block = self._filling.setdefault(event.sampler_index, [])
+        block += [(event.sampler_index, kind, event.step.index - 1, getattr(event, kind)) for kind in self.kinds]
+        if len(block) < self._block_steps * len(self.kinds):
             return
-        decoded = vae_decode(self.vae, torch.cat([t for _, _, t in self._pending]), batch_size=len(self._pending))
-        for (index, kind, _), frame in zip(self._pending, decoded):
-            self.frames.setdefault(index, {}).setdefault(kind, []).append(frame)
-        self._pending = []
+        del self._filling[event.sampler_index]
+        if self.budget is None or self._decoding <= self.budget * (time.perf_counter() - self._started):
+            self._decode(block)
+        else:
+            self._waiting.append(block)
+
+    def _decode(self, entries: list) -> None:
+        started = time.perf_counter()
+        decoded = vae_decode(self.vae, torch.cat([t for *_, t in entries]), batch_size=len(entries))
+        for (index, kind, step, _), frame in zip(entries, decoded):
+            self.frames.setdefault(index, {}).setdefault(kind, {})[step] = frame
+        self._decoding += time.perf_counter() - started
 
     def latest(self, index: int, kind: str) -> tuple[int, np.ndarray] | None:
         """(step number, frame) of the newest decoded frame of run `index`, or None."""
         frames = self.frames.get(index, {}).get(kind)
-        return (len(frames), frames[-1]) if frames else None
+        return (max(frames) + 1, frames[max(frames)]) if frames else None
+
+    def drain(self, runs) -> Iterator[int]:
+        """After the loop: decode each finished run's final image (alone), then the waiting blocks and each run's
+        last, partial block; yield the number of frames still to decode after each batch (0 at the end)."""
+        blocks = self._waiting + [block for _, block in sorted(self._filling.items())]
+        self._waiting, self._filling = [], {}
+        last = {index: len(run) - 1 for index, run in enumerate(runs) if len(run) and not run.info.stopped}
+        finals = [e for block in blocks for e in block if e[1] == "xt" and last.get(e[0]) == e[2]]
+        blocks = [[e for e in block if not any(e is f for f in finals)] for block in blocks]
+        chunks = [[e] for e in finals] + [block for block in blocks if block]
+        remaining = sum(len(c) for c in chunks)
+        for chunk in chunks:
+            self._decode(chunk)
+            remaining -= len(chunk)
+            yield remaining
 
     def finish(self, runs) -> None:
         """Decode what is left and attach frames (and final images) to `runs`, in sampler order."""
-        self.flush()
+        for _ in self.drain(runs):
+            pass
         for index, run in enumerate(runs):
-            run.frames.update(self.frames.get(index, {}))
+            for kind, frames in self.frames.get(index, {}).items():
+                run.frames[kind] = [frames[step] for step in sorted(frames)]
             decode_run(run, self.vae, self.kinds)
 
 

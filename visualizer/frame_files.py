@@ -38,7 +38,6 @@ class RunFiles:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.cells = [Cell(label, total) for label, total in zip(labels, totals)]
-        self._previous_x0: dict[int, np.ndarray] = {}
 
     def _write(self, cell: int, kind: str, index: int, image: np.ndarray) -> None:
         """Write step `index` (0-based) of `kind` for `cell`, unless it is already there."""
@@ -48,7 +47,7 @@ class RunFiles:
             return
         suffix = "png" if max(image.shape[:2]) <= PNG_MAX_SIDE else "webp"
         path = self.folder / f"{cell}-{kind}-{index + 1:04d}.{suffix}"
-        Image.fromarray(image).save(path, **({"quality": WEBP_QUALITY} if suffix == "webp" else {}))
+        Image.fromarray(image).save(path, **({"quality": WEBP_QUALITY} if suffix == "webp" else {"compress_level": 1}))
         paths[index] = path
 
     def add_step(self, event) -> None:
@@ -57,18 +56,26 @@ class RunFiles:
         index = event.step.index - 1
         if len(cell.steps) == index:
             cell.steps.append(event.step)
-        self._write(event.sampler_index, "latents", index, latent_tiles(event.xt[0].float().cpu()))
-        self._write(event.sampler_index, "noise", index, latent_tiles(event.eps[0].float().cpu()))
+        self._write(event.sampler_index, "latents", index, latent_tiles(event.xt[0]))
+        self._write(event.sampler_index, "noise", index, latent_tiles(event.eps[0]))
 
-    def add_decoded(self, frames: dict[int, dict[str, list[np.ndarray]]]) -> None:
-        """Exact frames decoded so far (StreamingDecoder.frames): write the new ones, and each new x0-hat's change."""
+    def add_decoded(self, frames: dict[int, dict[str, dict[int, np.ndarray] | list[np.ndarray]]]) -> None:
+        """Exact frames decoded so far (sampler -> kind -> step -> frame, as StreamingDecoder.frames, or lists):
+        write the new ones, and the change heatmap of each x0-hat whose previous step is there too."""
         for cell, kinds in frames.items():
             for kind, items in kinds.items():
-                start = len(self.cells[cell].paths.get(kind, []))
-                for index in range(start, len(items)):
-                    self._write(cell, kind, index, items[index])
-                    if kind == "x0":
-                        self._write(cell, "change", index, change_image(items[index - 1] if index else None, items[index]))
+                items = dict(enumerate(items)) if isinstance(items, list) else items
+                written = self.cells[cell].paths.get(kind, [])
+                for step in sorted(items):
+                    if step >= len(written) or written[step] is None:
+                        self._write(cell, kind, step, items[step])
+                        written = self.cells[cell].paths[kind]
+                if kind == "x0":
+                    changes = self.cells[cell].paths.get("change", [])
+                    for step in sorted(items):
+                        if (step >= len(changes) or changes[step] is None) and (step == 0 or step - 1 in items):
+                            self._write(cell, "change", step, change_image(items.get(step - 1), items[step]))
+                            changes = self.cells[cell].paths["change"]
 
     def add_run(self, cell: int, run: Run) -> None:
         """A finished run: whatever is still missing, the final numbers and the convergence curve."""

@@ -17,18 +17,20 @@ import gradio as gr
 import numpy as np
 
 from . import api, insight, views
-from .api import StepUpdate
+from .api import DecodeUpdate, StepUpdate
 from .demo_model import scenes
 from .errors import SettingsError, VisualizerError, user_message
 from .export import export_grid, export_run, upscale
 from .frame_files import RunFiles
-from .models import ALIASES, EMBEDDED, load_pipeline
+from .models import ALIASES, EMBEDDED
 from .player import step_props
 from .run import Run, Settings
 from .store import RunStore
 
 log = logging.getLogger("visualizer")
-UPDATE_INTERVAL = 0.1  # seconds between player updates sent during a run (frames arrive at the decode rate)
+# seconds between player updates during a run: each costs the browser a re-render, and on a small machine
+# the browser shares the cores with the model (measured: 0.1 s made a 25-step run 2x slower than 0.25 s)
+UPDATE_INTERVAL = 0.25
 EXAMPLE_DIR = Path(__file__).resolve().parent.parent / "assets" / "example"
 EXAMPLE_SAMPLERS = ["Euler", "DDIM", "DPM++ 2M", "Euler a"]  # the example's order; the single player shows the first
 VIEWS = [("xt", "x_t (noisy latents, decoded)"), ("x0", "x0-hat (predicted final image)"),
@@ -159,21 +161,28 @@ class App:
             if settings.is_img2img else 0)
         run_id = self.store.new_id()
         files = RunFiles(self.store.output_dir / run_id / "player", names, [expected] * len(names))
-        last_sent, result = 0.0, None
+        last_sent, result, final_shown = 0.0, None, False
         try:
             for item in api.stream(settings, samplers, should_stop=stop.is_set):
-                if not isinstance(item, StepUpdate):
+                if isinstance(item, StepUpdate):
+                    files.add_step(item.event)
+                    done, total = item.event.step.index, item.event.total_steps
+                    status = f"Step {done} of {total}: computing… scrub the finished steps any time."
+                    progress = done / total
+                elif isinstance(item, DecodeUpdate):
+                    for cell, run in enumerate(item.runs):
+                        files.cells[cell].steps, files.cells[cell].total = list(run.steps), len(run)
+                    status = f"Denoised; decoding the remaining frames ({item.remaining} left)…"
+                    progress = 1.0
+                else:
                     result = item
                     break
-                files.add_step(item.event)
                 now = time.monotonic()
-                if now - last_sent >= UPDATE_INTERVAL:
-                    last_sent = now
+                first_after_loop = isinstance(item, DecodeUpdate) and not final_shown
+                if now - last_sent >= UPDATE_INTERVAL or first_after_loop:  # the final image at once
+                    last_sent, final_shown = now, final_shown or first_after_loop
                     files.add_decoded(item.frames)
-                    done = item.event.step.index
-                    yield player_props(files, run_id, live=True, progress=done / item.event.total_steps,
-                                       status=f"Step {done} of {item.event.total_steps}: computing… scrub the "
-                                              "finished steps any time."), None
+                    yield player_props(files, run_id, live=True, progress=progress, status=status), None
         except VisualizerError as error:
             raise UserError(str(error)) from None
         except Exception as error:
@@ -204,18 +213,20 @@ class App:
         settings = self.settings(prompt, negative_prompt, seed, steps, guidance, sampler, width, height, model,
                                  init_image, strength)
         notice = _vocabulary_notice(settings.prompt, settings.model)
-        cleared = (None, None, None, None, None)  # downloads and guidance of the previous run
+        first = True
         for props, run_id in self._stream(settings, None, request):
-            if run_id is None:
-                yield gr.HTML(**props), gr.update(), gr.update(), gr.update(), props["status"], notice, *cleared, ""
+            if run_id is None:  # only the player changes while the run streams; the first update clears the
+                rest = (props["status"], notice, None, None, None, None, None, "") if first else (gr.skip(),) * 8
+                yield gr.update(**props), gr.skip(), gr.skip(), gr.skip(), *rest  # previous run's panels
+                first = False
                 continue
             run = self.store.get(run_id)[0]
             if run.info.truncated:
                 notice = (notice + " " if notice else "") + \
                          f"The prompt was cut at {run.info.token_limit} tokens; ignored: “{run.info.dropped_text}”."
             final = run.final_image if run.final_image is not None else run.frames["x0"][-1]
-            yield (gr.HTML(**props), final, run_id, _steps_table(run), props["status"], notice, *cleared,
-                   insight.pipeline_stages(run))
+            yield (gr.update(**props), final, run_id, _steps_table(run), props["status"], notice,
+                   None, None, None, None, None, insight.pipeline_stages(run))  # guidance: filled by .then
 
     def stop(self, request: gr.Request = None):
         """Ask this browser session's running generation to stop after the current step."""
@@ -265,7 +276,7 @@ class App:
         files.add_view(0, "forward", run.frames["forward"])
         props = player_props(files, run_id, status="Forward noising: pick the view “forward noising” and move "
                                                    "the slider; denoising runs this film backwards.")
-        return gr.HTML(**props), f"Noised at the {len(run)} noise levels of this run; it is a view of the player now."
+        return gr.update(**props), f"Noised at the {len(run)} noise levels of this run; it is a view of the player now."
 
     def compare(self, prompt, negative_prompt, seed, steps, guidance, samplers, width, height, model,
                 request: gr.Request = None):
@@ -275,9 +286,9 @@ class App:
         settings = self.settings(prompt, negative_prompt, seed, steps, guidance, samplers[0], width, height, model)
         for props, run_id in self._stream(settings, samplers, request):
             if run_id is None:
-                yield gr.HTML(**props), gr.update(), gr.update(), props["status"], None
+                yield gr.update(**props), gr.skip(), gr.skip(), gr.skip(), None
                 continue
-            yield gr.HTML(**props), views.grid_frame(self.store.get(run_id), 1.0), run_id, props["status"], None
+            yield gr.update(**props), views.grid_frame(self.store.get(run_id), 1.0), run_id, props["status"], None
 
     def show_grid(self, run_id, progress, view_label):
         """API: the comparison at `progress` percent through every sampler's schedule."""
@@ -334,6 +345,6 @@ def _steps_table(run) -> list[list]:
 
 
 def warm_up(model: str) -> None:
-    """Load the default model and run one step, so the first Generate streams as fast as later ones."""
-    load_pipeline(model)
+    """Load the default model and run one step (on the engine thread), so the first Generate streams as fast
+    as later ones."""
     api.run(Settings(prompt="", model=model, num_inference_steps=1), frames=("x0",))

@@ -21,12 +21,14 @@ VIEWS = {  # UI label -> key
 }
 
 
-def latent_tiles(tensor: torch.Tensor) -> np.ndarray:
-    """[C, h, w] -> uint8 grey tiles side by side, each channel normalised to its own range."""
+def latent_tiles(tensor) -> np.ndarray:
+    """[C, h, w] (tensor or array) -> uint8 grey tiles side by side, each channel normalised to its own range.
+    Plain numpy, so it runs on any thread (torch work stays on the engine thread, see api._ENGINE)."""
+    array = np.asarray(tensor.detach().cpu() if isinstance(tensor, torch.Tensor) else tensor, dtype=np.float32)
     tiles = []
-    for channel in tensor.float():
+    for channel in array:
         low, high = channel.min(), channel.max()
-        tiles.append(((channel - low) / (high - low + 1e-8) * 255).byte().numpy())
+        tiles.append(((channel - low) / (high - low + 1e-8) * 255).astype(np.uint8))
         tiles.append(np.full((channel.shape[0], 1), 40, np.uint8))
     return np.repeat(np.concatenate(tiles[:-1], axis=1)[..., None], 3, axis=2)
 
