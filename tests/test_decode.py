@@ -26,7 +26,7 @@ def _run_with(decoder, tiny_model, tiny_pipe, seen):
 def test_without_a_budget_each_block_is_decoded_as_it_completes(tiny_model, tiny_pipe):
     decoder, seen = StreamingDecoder(tiny_pipe.vae, budget=None), []
     run = _run_with(decoder, tiny_model, tiny_pipe, seen)
-    assert seen == [None, None, None, 4, 4, 4, 4, 8, 8, 8]  # blocks of 4 steps x 2 kinds = 8 frames (32x32)
+    assert seen == [1, 1, 1, 1, 5, 5, 5, 5, 9, 9]  # step 1 alone, then blocks of 4 steps x 2 kinds (32x32)
     decoder.finish([run])
     for kind in ("xt", "x0"):  # batched and one-by-one convolutions may round differently: 2/255 at most
         exact = vae_decode(tiny_pipe.vae, run.tensors[kind], batch_size=1).astype(int)
@@ -36,11 +36,10 @@ def test_without_a_budget_each_block_is_decoded_as_it_completes(tiny_model, tiny
 def test_the_budget_leaves_blocks_for_after_the_loop_and_the_final_image_comes_first(tiny_model, tiny_pipe):
     decoder, seen = StreamingDecoder(tiny_pipe.vae, budget=0.0), []
     run = _run_with(decoder, tiny_model, tiny_pipe, seen)
-    assert seen[:4] == [None, None, None, 4]  # a zero budget: only the first block (nothing decoded yet)
-    assert seen[-1] == 4
+    assert seen == [1] * 10  # a zero budget: only the first block, step 1 (nothing was decoded before it)
     drain = decoder.drain([run])
     left = next(drain)
-    assert sorted(decoder.frames[0]["xt"]) == [0, 1, 2, 3, 9] and left == 11  # the final image before the rest
+    assert sorted(decoder.frames[0]["xt"]) == [0, 9] and left == 17  # the final image before the rest
     assert list(drain)[-1] == 0
     decoder.finish([run])
     assert len(run.frames["xt"]) == len(run.frames["x0"]) == 10
@@ -61,3 +60,15 @@ def test_frames_are_bit_identical_whatever_the_timing(tiny_model, tiny_pipe):
         runs.append(run)
     for kind in ("xt", "x0"):
         assert all(np.array_equal(a, b) for a, b in zip(runs[0].frames[kind], runs[1].frames[kind])), kind
+
+
+def test_a_step_update_previews_the_newest_exact_frame_or_says_it_is_approximate(tiny_model):
+    from visualizer import api
+
+    seen = []
+    for item in api.stream(Settings(prompt="a red circle", model=tiny_model, num_inference_steps=6, seed=2)):
+        if isinstance(item, api.StepUpdate):
+            seen.append(item.preview())
+    assert seen[0].exact and seen[0].step == 1  # step 1 is decoded at once
+    assert all(p.image.dtype == np.uint8 and p.step <= i + 1 for i, p in enumerate(seen))
+    assert all(p.exact or "preview" in p.label for p in seen)

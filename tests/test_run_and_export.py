@@ -105,3 +105,21 @@ def test_grid_aligns_runs_by_progress(tiny_model, tmp_path):
     single = Image.open(export_run(runs[0], tmp_path / "one", ["gif"])["gif"])
     assert gif.width > 2.5 * single.width
     assert math.isclose(Image.open(written["png"]).width, gif.width, rel_tol=0.01)
+
+
+def test_a_bundle_written_before_the_format_version_still_loads(decoded_run, tmp_path):
+    """Early run.json files had no version, an untyped info dict (with keys since dropped) and a noise_share
+    per step; they load, and their facts land in RunInfo."""
+    import json
+
+    folder = decoded_run.save(tmp_path / "old")
+    doc = json.loads((folder / "run.json").read_text())
+    del doc["version"]
+    doc["info"] = {**{k: v for k, v in doc["info"].items() if k != "img2img"}, "model": "embedded", "sampler": "DDIM",
+                   "guidance_scale": 5.0, "seed": 5, "truncated": False, "structure_rule": "old words"}
+    doc["settings"]["strength"] = 1.0
+    (folder / "run.json").write_text(json.dumps(doc))
+    loaded = Run.load(folder)
+    assert loaded.info.scheduler == decoded_run.info.scheduler and loaded.info.img2img is None
+    assert [s.sigma for s in loaded.steps] == [s.sigma for s in decoded_run.steps]
+    assert loaded.steps[3].noise_share == decoded_run.steps[3].noise_share and len(loaded.frames["xt"]) == 7

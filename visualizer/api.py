@@ -10,6 +10,7 @@ decoders and the insight metrics together.
 from __future__ import annotations
 
 import dataclasses
+import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from . import insight
-from .decode import LivePreview, Preview, StreamingDecoder, decode_run
+from .decode import EXACT, CheapPreview, Preview, StreamingDecoder, decode_run
 from .denoise import StepCallback, StepEvent, denoise_steps
 from .errors import SettingsError
 from .models import EMBEDDED, load_pipeline
@@ -39,18 +40,43 @@ def on_engine(fn, *args):
     return _ENGINE.submit(fn, *args).result()
 
 
-def _iterateon_engine(items: Iterator) -> Iterator:
-    """Iterate a generator on the engine thread, handing its items to the caller's thread; closing this
-    closes it there."""
-    finished = object()
+def _run_on_engine(items: Iterator) -> Iterator:
+    """Run a generator to its end on the engine thread, handing its items to the caller's thread as they come.
+
+    The engine never waits for the caller (showing the frames overlaps the next steps); closing this
+    generator stops the engine's after the item it is computing.
+    """
+    if threading.current_thread().name.startswith(ENGINE_THREAD):
+        yield from items
+        return
+    handed: queue.Queue = queue.Queue()
+    closed = threading.Event()
+    done = object()
+
+    def produce():
+        try:
+            for item in items:
+                handed.put((item, None))
+                if closed.is_set():
+                    break
+            handed.put((done, None))
+        except BaseException as error:  # handed to the caller, raised there
+            handed.put((done, error))
+        finally:
+            items.close()
+
+    finished = _ENGINE.submit(produce)
     try:
         while True:
-            item = on_engine(next, items, finished)
-            if item is finished:
+            item, error = handed.get()
+            if error is not None:
+                raise error
+            if item is done:
                 return
             yield item
     finally:
-        on_engine(items.close)
+        closed.set()
+        finished.result()
 
 
 @dataclass
@@ -59,11 +85,15 @@ class StepUpdate:
     event: StepEvent  # the step, its latents and x0-hat (on the model's device)
     frames: dict[int, dict[str, dict[int, np.ndarray]]]  # exact frames decoded so far: sampler -> kind -> step
     # (0-based) -> frame; during the run only some steps are decoded (decode.StreamingDecoder)
-    _live: LivePreview | None = None
+    _cheap: CheapPreview | None = None
 
-    def preview(self, kind: str = "x0") -> Preview | None:
-        """The newest exact frame of `kind` for this sampler, else a cheap preview (computed on demand)."""
-        return on_engine(self._live, self.event, kind) if self._live is not None else None
+    def preview(self, kind: str = "x0") -> Preview:
+        """The newest exact frame of `kind` for this sampler, else a labelled cheap preview of this step
+        (computed on demand, in the caller's thread)."""
+        frames = self.frames.get(self.event.sampler_index, {}).get(kind)
+        if frames:
+            return Preview(frames[max(frames)], max(frames) + 1, EXACT)
+        return self._cheap(getattr(self.event, kind), self.event.step.index)
 
 
 @dataclass
@@ -91,7 +121,7 @@ def stream(settings: Settings, samplers: Sequence[str] | None = None, *, should_
     kinds) convergence metrics. `should_stop` ends the loop early, keeping the steps computed so far; closing
     the generator halts it at once.
     """
-    return _iterateon_engine(_stream(settings, samplers, should_stop, frames))
+    return _run_on_engine(_stream(settings, samplers, should_stop, frames))
 
 
 def _stream(settings, samplers, should_stop, frames):
@@ -100,7 +130,7 @@ def _stream(settings, samplers, should_stop, frames):
         s.validate()
     pipe = load_pipeline(settings.model)
     decoder = StreamingDecoder(pipe.vae, tuple(frames)) if frames else None
-    live = LivePreview(pipe, decoder, use_taesd=settings.model != EMBEDDED) if decoder else None
+    cheap = CheapPreview(pipe, use_taesd=settings.model != EMBEDDED)
     steps = denoise_steps(settings_list, pipe, should_stop)
     try:
         while True:
@@ -111,16 +141,22 @@ def _stream(settings, samplers, should_stop, frames):
                 break
             if decoder is not None:
                 decoder(event)
-            yield StepUpdate(event, decoder.frames if decoder else {}, live)
+            yield StepUpdate(event, _snapshot(decoder.frames) if decoder else {}, cheap)
     finally:
         steps.close()
     if decoder is not None:
         for remaining in decoder.drain(runs):
-            yield DecodeUpdate(runs, decoder.frames, remaining)
+            yield DecodeUpdate(runs, _snapshot(decoder.frames), remaining)
         decoder.finish(runs)
         for r in runs:
             insight.attach_metrics(r)
     yield runs if samplers is not None else runs[0]
+
+
+def _snapshot(frames: dict) -> dict:
+    """A copy of the decoded-frames index (not the frames) that the engine thread will not change under the
+    caller."""
+    return {index: {kind: dict(steps) for kind, steps in kinds.items()} for index, kinds in frames.items()}
 
 
 def _consume(items, callback: StepCallback | None):
@@ -154,11 +190,13 @@ def redecode(run: Run) -> None:
 
 
 def forward_noising(run: Run, image: np.ndarray | None = None) -> list[np.ndarray]:
-    """q(x_t | x_0) at the run's noise levels of `image` (default: the run's final image), one frame per step."""
+    """q(x_t | x_0) at the run's noise levels of `image` (default: the run's final image), one frame per step;
+    kept as the run's "forward" frames (a view of the slider) and returned."""
     source = image if image is not None else run.final_image
     if source is None:
         raise SettingsError("This run was stopped before its final image: give an image to noise.")
-    return on_engine(lambda: insight.forward_noising(run, source, load_pipeline(run.settings.model).vae))
+    run.frames["forward"] = on_engine(lambda: insight.forward_noising(run, source, load_pipeline(run.settings.model).vae))
+    return run.frames["forward"]
 
 
 def guidance_breakdown(run: Run, index: int) -> dict[str, np.ndarray] | None:

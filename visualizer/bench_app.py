@@ -77,11 +77,12 @@ def _launch(output: Path):
 
 
 def _plain_seconds(repeats: int) -> float:
+    from . import api
     from .models import load_pipeline
     from .run import DEFAULTS
     from .samplers import make_scheduler
 
-    pipe = load_pipeline("embedded")
+    pipe = api.on_engine(load_pipeline, "embedded")
     pipe.scheduler = make_scheduler(DEFAULTS["sampler"], pipe.scheduler.config)
 
     def once() -> float:
@@ -90,8 +91,8 @@ def _plain_seconds(repeats: int) -> float:
              generator=torch.Generator().manual_seed(0), output_type="np")
         return time.perf_counter() - started
 
-    once()
-    return statistics.median(once() for _ in range(repeats))
+    api.on_engine(once)  # on the engine thread, like all model work in this process (see api)
+    return statistics.median(api.on_engine(once) for _ in range(repeats))
 
 
 def _api_seconds(url: str, repeats: int) -> float:

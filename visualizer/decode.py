@@ -4,7 +4,7 @@
 - `latent_preview`: a cheap linear latent -> RGB approximation, for live previews only.
 - `load_taesd`: the tiny TAESD decoder when its weights are on this machine (previews, labelled so).
 - `StreamingDecoder`: exact frames of every step, decoded in batches while the run goes.
-- `LivePreview`: what to show during a run: the newest exact frame, else a TAESD or latent-colour preview.
+- `CheapPreview`: a labelled TAESD or latent-colour preview, for when no exact frame exists yet.
 """
 from __future__ import annotations
 
@@ -116,7 +116,8 @@ class StreamingDecoder:
     """A step callback that VAE-decodes the x_t and x0-hat frames of finished steps, exactly, in an order a
     person watching the run wants them, and the same way every time.
 
-    Frames are decoded in fixed blocks of consecutive steps (`decode_batch_size` frames: batching amortises
+    Frames are decoded in fixed blocks of consecutive steps (step 1 alone, so that the first frame shows at
+    once, then `decode_batch_size` frames at a time: batching amortises
     the decoder's per-call cost, and a frame's rounding depends on its batch, so fixed blocks make every
     frame bit-identical from run to run, whatever the timing). During the run a block is decoded as soon as
     it is complete, while decoding has used at most `budget` of the run's time so far; the others wait, so
@@ -139,7 +140,8 @@ class StreamingDecoder:
             self._block_steps = max(1, decode_batch_size(self.vae, event.latents) // len(self.kinds))
         block = self._filling.setdefault(event.sampler_index, [])
         block += [(event.sampler_index, kind, event.step.index - 1, getattr(event, kind)) for kind in self.kinds]
-        if len(block) < self._block_steps * len(self.kinds):
+        steps = 1 if block[0][2] == 0 else self._block_steps  # step 1 alone: the first frame comes at once
+        if len(block) < steps * len(self.kinds):
             return
         del self._filling[event.sampler_index]
         if self.budget is None or self._decoding <= self.budget * (time.perf_counter() - self._started):
@@ -215,23 +217,22 @@ def _taesd(device):
     return _TAESD[device]
 
 
-class LivePreview:
-    """x0-hat during a run: the newest exact frame the StreamingDecoder has, or until its first batch, a cheap
-    preview: TAESD for SD models where its weights are on this machine, else the linear latent -> RGB fit."""
+class CheapPreview:
+    """A labelled preview of latents that costs little: TAESD for SD models where its weights are on this
+    machine, else the linear latent -> RGB fit. Not an exact frame: callers show its label."""
 
-    def __init__(self, pipe, decoder: StreamingDecoder, use_taesd: bool = True):
-        self.decoder = decoder
-        taesd = _taesd(pipe.unet.device) if use_taesd else None
-        if taesd is not None:
-            scaling = pipe.vae.config.scaling_factor
-            self._cheap = lambda x0: (taesd_decode(taesd, x0, scaling)[0], "TAESD preview")
-        else:
-            factors = latent_rgb_factors(pipe.config.get("_name_or_path"))
-            self._cheap = lambda x0: (latent_preview(x0, *factors)[0], "approximate preview (latent colours)")
+    def __init__(self, pipe, use_taesd: bool = True):
+        self.pipe, self.use_taesd = pipe, use_taesd
+        self._decode = None  # chosen on first use: looking for TAESD's weights may take a while offline
 
-    def __call__(self, event, kind: str = "x0") -> Preview:
-        latest = self.decoder.latest(event.sampler_index, kind)
-        if latest is not None:
-            return Preview(latest[1], latest[0], EXACT)
-        image, label = self._cheap(getattr(event, kind))
-        return Preview(image, event.step.index, label)
+    def __call__(self, latents: torch.Tensor, step: int) -> Preview:
+        if self._decode is None:
+            taesd = _taesd(self.pipe.unet.device) if self.use_taesd else None
+            if taesd is not None:
+                scaling = self.pipe.vae.config.scaling_factor
+                self._decode = lambda x: (taesd_decode(taesd, x, scaling)[0], "TAESD preview")
+            else:
+                factors = latent_rgb_factors(self.pipe.config.get("_name_or_path"))
+                self._decode = lambda x: (latent_preview(x, *factors)[0], "approximate preview (latent colours)")
+        image, label = self._decode(latents)
+        return Preview(image, step, label)

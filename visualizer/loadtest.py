@@ -14,6 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image
 
+from .run import Settings
+
 X_T = "x_t (noisy latents, decoded)"
 
 
@@ -21,19 +23,24 @@ def _digest(path: str) -> str:
     return hashlib.sha256(np.asarray(Image.open(path).convert("RGB")).tobytes()).hexdigest()
 
 
+def _form(settings: Settings) -> tuple:
+    """The app's form values for `settings` (its size field: 0 = the model's native size)."""
+    return (settings.prompt, settings.negative_prompt, settings.seed, settings.num_inference_steps,
+            settings.guidance_scale)
+
+
 def request(url: str, index: int, model: str, steps: int) -> tuple[str, str]:
     """One session's job: ('generate' | 'compare', digest of every frame it produced)."""
     from gradio_client import Client
 
     client = Client(url, verbose=False)
-    seed = 1000 + index
+    settings = Settings(prompt="a red circle" if index % 2 == 0 else "a blue square", model=model, seed=1000 + index,
+                        num_inference_steps=steps, guidance_scale=7.5, sampler="Euler a").validate()
     if index % 2 == 0:
-        _, _, table, *_ = client.predict("a red circle", "", seed, steps, 7.5, "Euler a", 0, 0, model,
-                                         api_name="/generate")
+        _, _, table, *_ = client.predict(*_form(settings), settings.sampler, 0, 0, model, api_name="/generate")
         frames = [client.predict(i, X_T, api_name="/frame")[0] for i in range(1, len(table["data"]) + 1)]
         return "generate", hashlib.sha256("".join(map(_digest, frames)).encode()).hexdigest()
-    _, grid, *_ = client.predict("a blue square", "", seed, steps, 7.5, ["Euler", "DDIM", "Heun"], 0, 0, model,
-                                 api_name="/compare")
+    _, grid, *_ = client.predict(*_form(settings), ["Euler", "DDIM", "Heun"], 0, 0, model, api_name="/compare")
     return "compare", _digest(grid)
 
 

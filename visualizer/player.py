@@ -70,7 +70,7 @@ CSS = """
 .vp-imgs { display: flex; gap: 4px; width: 100%; justify-content: center; }
 .vp-imgs img { image-rendering: pixelated; width: 100%; max-width: var(--vp-size, 400px); aspect-ratio: 1;
   object-fit: contain; background: #141418; border-radius: 4px; min-width: 0; }
-.vp-cells.both .vp-imgs img { max-width: calc(var(--vp-size, 400px) / 2); }
+.vp-cells.both .vp-imgs img { max-width: calc(var(--vp-size, 400px) * 0.85); }
 .vp-cell figcaption { font-size: 13px; line-height: 1.3; margin-top: 2px; text-align: center;
   color: var(--body-text-color); }
 .vp-controls { display: flex; align-items: center; gap: 8px; }

@@ -269,11 +269,11 @@ class App:
             raise UserError("Generate a run first: its noise levels are the ones used.")
         run = self._runs(run_id)[0]
         try:
-            run.frames["forward"] = api.forward_noising(run, image)
+            forward = api.forward_noising(run, image)
         except SettingsError as error:
             raise UserError(str(error)) from None
         files = self._player_files(run_id)
-        files.add_view(0, "forward", run.frames["forward"])
+        files.add_view(0, "forward", forward)
         props = player_props(files, run_id, status="Forward noising: pick the view “forward noising” and move "
                                                    "the slider; denoising runs this film backwards.")
         return gr.update(**props), f"Noised at the {len(run)} noise levels of this run; it is a view of the player now."
