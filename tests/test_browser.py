@@ -255,6 +255,11 @@ def test_settings_downloads_and_forward_noising(server, browser, tmp_path):
     page.locator("#randomize").click()
     page.wait_for_function(f"document.querySelector('#randomize').parentElement.querySelector('input').value "
                            f"!== {before!r}", timeout=5000)
+    page.get_by_text("a yellow triangle on the top", exact=True).click()  # an example fills the prompt
+    page.wait_for_function("document.querySelector('#prompt textarea').value === 'a yellow triangle on the top'",
+                           timeout=5000)
+    page.locator("#generate").click()
+    player.wait_status("Done: 25 steps")
     generate(page, steps=8)
     player.wait_status("Done: 8 steps")
     page.get_by_role("tab", name="Downloads").click()

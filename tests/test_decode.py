@@ -17,7 +17,8 @@ def test_cpu_batches_small_frames_and_decodes_large_ones_one_by_one(tiny_pipe):
 def _run_with(decoder, tiny_model, tiny_pipe, seen):
     def on_step(event):
         decoder(event)
-        seen.append(decoder.latest(0, "xt")[0] if decoder.latest(0, "xt") else None)
+        decoded = decoder.frames.get(0, {}).get("xt")
+        seen.append(max(decoded) + 1 if decoded else None)  # the newest step with an exact frame
 
     return generate(Settings(prompt="a red circle", model=tiny_model, num_inference_steps=10, seed=2), tiny_pipe,
                     callback=on_step)

@@ -156,11 +156,6 @@ class StreamingDecoder:
             self.frames.setdefault(index, {}).setdefault(kind, {})[step] = frame
         self._decoding += time.perf_counter() - started
 
-    def latest(self, index: int, kind: str) -> tuple[int, np.ndarray] | None:
-        """(step number, frame) of the newest decoded frame of run `index`, or None."""
-        frames = self.frames.get(index, {}).get(kind)
-        return (max(frames) + 1, frames[max(frames)]) if frames else None
-
     def drain(self, runs) -> Iterator[int]:
         """After the loop: decode each finished run's final image (alone), then the waiting blocks and each run's
         last, partial block; yield the number of frames still to decode after each batch (0 at the end)."""

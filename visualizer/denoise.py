@@ -254,7 +254,7 @@ def denoise_steps(settings_list: list[Settings], pipe=None,
             else:  # the order of draws (posterior sample, then noise) is diffusers' img2img order
                 init_latents = posterior.sample(generator).to(positive.dtype) * pipe.vae.config.scaling_factor
                 noise = randn_tensor(shape, generator=generator, device=device, dtype=positive.dtype)
-                skipped = s.num_inference_steps - int(s.num_inference_steps * s.strength)
+                skipped = s.num_inference_steps - s.steps_to_run
                 start = skipped * scheduler.order
                 if hasattr(scheduler, "set_begin_index"):
                     scheduler.set_begin_index(start)

@@ -14,9 +14,6 @@ from .decode import vae_decode
 from .denoise import predictions
 from .samplers import config_notes
 
-STRUCTURE_RULE = ("first step whose x0-hat distance to the final image (1 - SSIM) has fallen to half its value "
-                  "at step 1")
-
 
 def ssim(a: np.ndarray, b: np.ndarray, window: int = 7) -> float:
     """Mean structural similarity of two uint8 RGB images (grey, box window), in [-1, 1]."""
@@ -59,8 +56,8 @@ def step_metrics(run) -> list[dict]:
 
 
 def structure_step(metrics: list[dict]) -> int | None:
-    """The step (1-based) where structure appears, by STRUCTURE_RULE; None if it never does (an empty or
-    stopped run)."""
+    """The step (1-based) where structure appears: the first whose x0-hat distance to the final image
+    (1 - SSIM) has fallen to half its value at step 1; None if it never does."""
     if not metrics:
         return None
     start = 1 - metrics[0]["ssim_x0_to_final"]

@@ -84,6 +84,11 @@ class Settings:
     def is_img2img(self) -> bool:
         return self.init_image is not None
 
+    @property
+    def steps_to_run(self) -> int:
+        """The steps that run: all of them, or for img2img the last `strength` of the schedule."""
+        return int(self.num_inference_steps * self.strength) if self.is_img2img else self.num_inference_steps
+
     def to_dict(self) -> dict:
         """The settings as JSON-ready data (the init image is not included)."""
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "init_image"}
@@ -183,7 +188,7 @@ class RunInfo:
     stopped: bool = False  # ended early: fewer steps than asked, no final image
     img2img: Img2ImgInfo | None = None
     metrics: list[dict] | None = None  # per-step distances to the final image (insight.step_metrics)
-    structure_step: int | None = None  # where structure appears (insight.STRUCTURE_RULE)
+    structure_step: int | None = None  # where structure appears (insight.structure_step)
 
     @property
     def truncated(self) -> bool:

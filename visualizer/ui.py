@@ -14,7 +14,7 @@ from . import insight, player
 from .models import ALIASES, EMBEDDED
 from .run import DEFAULTS, MAX_STEPS
 from .samplers import sampler_names
-from .ui_handlers import EXAMPLE_SAMPLERS, App, AppConfig, _steps_table
+from .ui_handlers import EXAMPLE_SAMPLERS, App, AppConfig, steps_table
 
 MODEL_CONCURRENCY = "model"
 EXAMPLES = ["a large red circle in the centre", "a small blue square on the left of a white background",
@@ -122,7 +122,7 @@ def build(config: AppConfig) -> gr.Blocks:
                     stages = gr.Markdown(insight.pipeline_stages(example_run) if example_run else "",
                                          elem_id="stages")
                 with gr.Tab("Steps table"):
-                    steps_table = gr.Dataframe(_steps_table(example_run) if example_run else None,
+                    table = gr.Dataframe(steps_table(example_run) if example_run else None,
                                                headers=["step", "t", "sigma", "noise share", "evals"],
                                                label="Steps", interactive=False, max_height=240)
             run_id = gr.State(example_single)
@@ -163,7 +163,7 @@ def build(config: AppConfig) -> gr.Blocks:
         model_event = dict(concurrency_id=MODEL_CONCURRENCY, concurrency_limit=1, show_progress="hidden")
         run_button.click(
             app.generate, [prompt, negative, seed, steps, guidance, sampler, width, height, model, init_image, strength],
-            [play, final_image, run_id, steps_table, status, notice, file_out, *g_images, stages],
+            [play, final_image, run_id, table, status, notice, file_out, *g_images, stages],
             api_name="generate", **model_event,
         ).then(lambda rid: app.guidance(rid, None), run_id, g_images, show_progress="hidden", api_visibility="private")
         stop_button.click(app.stop, None, None, queue=False, api_name="stop")

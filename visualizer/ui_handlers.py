@@ -33,9 +33,6 @@ log = logging.getLogger("visualizer")
 UPDATE_INTERVAL = 0.25
 EXAMPLE_DIR = Path(__file__).resolve().parent.parent / "assets" / "example"
 EXAMPLE_SAMPLERS = ["Euler", "DDIM", "DPM++ 2M", "Euler a"]  # the example's order; the single player shows the first
-VIEWS = [("xt", "x_t (noisy latents, decoded)"), ("x0", "x0-hat (predicted final image)"),
-         ("both", "x_t and x0-hat side by side"), ("latents", "latent channels"), ("noise", "noise prediction"),
-         ("forward", "forward noising q(x_t | x_0)")]
 
 
 @dataclass
@@ -86,8 +83,8 @@ def player_props(files: RunFiles | None, run_id: str, *, live: bool = False, pro
         {"label": c.label, "total": c.total, "steps": [step_props(s) for s in c.steps],
          "frames": {kind: [url(p) if p else None for p in paths] for kind, paths in c.paths.items()},
          "curve": c.curve, "structure": c.structure} for c in files.cells]
-    return {"cells": cells, "views": VIEWS, "live": live, "progress": progress, "status": status, "run": run_id,
-            "view": view}
+    return {"cells": cells, "views": [[key, label] for label, key in views.VIEWS.items()], "live": live,
+            "progress": progress, "status": status, "run": run_id, "view": view}
 
 
 def _status(run: Run) -> str:
@@ -156,11 +153,8 @@ class App:
         if session:
             self._stops[session] = stop
         names = samplers or [settings.sampler]
-        expected = settings.num_inference_steps - (
-            settings.num_inference_steps - int(settings.num_inference_steps * settings.strength)
-            if settings.is_img2img else 0)
         run_id = self.store.new_id()
-        files = RunFiles(self.store.output_dir / run_id / "player", names, [expected] * len(names))
+        files = RunFiles(self.store.output_dir / run_id / "player", names, [settings.steps_to_run] * len(names))
         last_sent, result, final_shown = 0.0, None, False
         try:
             for item in api.stream(settings, samplers, should_stop=stop.is_set):
@@ -225,7 +219,7 @@ class App:
                 notice = (notice + " " if notice else "") + \
                          f"The prompt was cut at {run.info.token_limit} tokens; ignored: “{run.info.dropped_text}”."
             final = run.final_image if run.final_image is not None else run.frames["x0"][-1]
-            yield (gr.update(**props), final, run_id, _steps_table(run), props["status"], notice,
+            yield (gr.update(**props), final, run_id, steps_table(run), props["status"], notice,
                    None, None, None, None, None, insight.pipeline_stages(run))  # guidance: filled by .then
 
     def stop(self, request: gr.Request = None):
@@ -339,7 +333,8 @@ def _user_error(error: Exception) -> gr.Error:
     return UserError(message)
 
 
-def _steps_table(run) -> list[list]:
+def steps_table(run) -> list[list]:
+    """The steps as rows for the steps-table panel."""
     return [[s.index, round(s.timestep, 1), round(s.sigma, 4), round(s.noise_share, 4), s.evaluations]
             for s in run.steps]
 
