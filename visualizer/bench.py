@@ -11,6 +11,7 @@ Rows, each the median of `repeats` runs on the same model, prompt, seed and sett
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import statistics
@@ -105,6 +106,10 @@ def measure_model(model: str, size: int | None, steps: int, repeats: int) -> dic
     result["ours_final_over_plain"] = result["ours_final_image"] / result["plain"]
     result["ours_xt_over_naive"] = result["ours_xt_frames"] / result["naive"]
     result["ours_xt_x0_over_plain"] = result["ours_xt_and_x0_frames"] / result["plain"]
+    with_maps = dataclasses.replace(settings, attention=True)
+    no_maps = statistics.median(_timed(lambda: api.run(settings, frames=())) for _ in range(repeats))
+    maps = statistics.median(_timed(lambda: api.run(with_maps, frames=())) for _ in range(repeats))
+    result["attention_capture_ratio"] = maps / no_maps  # the loop with word maps / without (no decoding)
     grid = statistics.median(_timed(lambda: api.compare(PROMPT, GRID_SAMPLERS, model=model, num_inference_steps=steps,
                                                          width=size, height=size, frames=())) for _ in range(repeats))
     def sequential_plain() -> float:
@@ -158,13 +163,14 @@ def format_table(report: dict) -> str:
     lines = [f"machine: {report['machine']}, torch {report['torch']}", "",
              "| model | plain s | naive s | ours: final image s | ours: every x_t frame s | "
              "ours: every x_t and x0-hat frame s | final / plain | x_t frames / naive | x_t + x0-hat frames / plain | "
-             "grid of 4 / 4 sequential | scrub ms |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "grid of 4 / 4 sequential | word maps / none | scrub ms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in report["models"].items():
         lines.append(f"| {name} | {r['plain']:.3f} | {r['naive']:.3f} | {r['ours_final_image']:.3f} | "
                      f"{r['ours_xt_frames']:.3f} | {r['ours_xt_and_x0_frames']:.3f} | "
                      f"{r['ours_final_over_plain']:.2f}x | {r['ours_xt_over_naive']:.2f}x | "
-                     f"{r['ours_xt_x0_over_plain']:.2f}x | {r['grid_ratio']:.2f}x | {r['scrub_median_ms']:.1f} |")
+                     f"{r['ours_xt_x0_over_plain']:.2f}x | {r['grid_ratio']:.2f}x | {r['attention_capture_ratio']:.2f}x | "
+                     f"{r['scrub_median_ms']:.1f} |")
     e = report["export"]
     lines += ["", f"export of 50 frames at 512x512: GIF {e['gif_50x512_s']:.2f} s, MP4 {e['mp4_50x512_s']:.2f} s"]
     if "app" in report:

@@ -31,6 +31,8 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--height", help="pixels (default: the model's native size)")
     p.add_argument("--init-image", type=Path, default=None, help="img2img: start from this image")
     p.add_argument("--strength", default=None, help="img2img: share of the schedule to run (default 0.8)")
+    p.add_argument("--attention", action="store_true",
+                   help="also record each prompt token's cross-attention map at every step (attention.npy)")
     p.add_argument("--view", choices=("xt", "x0", "both"), default="xt", help="frames shown in animations")
     p.add_argument("--fps", type=float, default=8)
     p.add_argument("--out", required=True, type=Path)
@@ -101,7 +103,7 @@ def settings_from_args(args) -> Settings:
             raise SettingsError(f"Could not read the init image {args.init_image}: {error}") from None
     elif "strength" in given:
         raise SettingsError("--strength applies to img2img: give an --init-image too.")
-    return Settings(prompt=args.prompt, **given).validate()
+    return Settings(prompt=args.prompt, attention=getattr(args, "attention", False), **given).validate()
 
 
 class _Progress:

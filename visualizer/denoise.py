@@ -32,6 +32,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
+from .attention import AttentionRecorder, combine, token_span
 from .errors import NonFiniteError, SettingsError
 from .models import load_pipeline, resolve
 from .run import Img2ImgInfo, Run, RunInfo, Settings, Step
@@ -63,6 +64,7 @@ class _Pending:
     eps: torch.Tensor
     eps_cond: torch.Tensor | None = None
     eps_uncond: torch.Tensor | None = None
+    attention: dict[int, torch.Tensor] | None = None  # resolution -> [tokens, h_r, w_r], first evaluation's
     evaluations: int = 0
 
 
@@ -130,8 +132,9 @@ class _SamplerLoop:
         abar = float(self.scheduler.alphas_cumprod[int(self.timesteps[self.position])])
         return math.sqrt((1 - abar) / abar)
 
-    def advance(self, model_output: torch.Tensor, cond: torch.Tensor | None, uncond: torch.Tensor | None):
-        """Feed one evaluation's guided output; return the Step if it completed one."""
+    def advance(self, model_output: torch.Tensor, cond: torch.Tensor | None, uncond: torch.Tensor | None,
+                attention: dict[int, torch.Tensor] | None = None):
+        """Feed one evaluation's guided output (and its attention maps); return the Step if it completed one."""
         t = self.scheduler.timesteps[self.position]
         if self.pending is None:
             sigma = self._sigma(t)
@@ -141,7 +144,7 @@ class _SamplerLoop:
             if cond is not None:  # noise predictions whatever the model outputs (v models output v)
                 cond = predictions(self.x_in, cond, sigma, self.prediction_type)[1]
                 uncond = predictions(self.x_in, uncond, sigma, self.prediction_type)[1]
-            self.pending = _Pending(self.timesteps[self.position], sigma, self.x_in, x0, eps, cond, uncond)
+            self.pending = _Pending(self.timesteps[self.position], sigma, self.x_in, x0, eps, cond, uncond, attention)
         self.pending.evaluations += 1
         self.evaluations += 1
         self.latents = self.scheduler.step(model_output, t, self.latents, **self.step_kwargs, return_dict=False)[0]
@@ -167,6 +170,10 @@ class _SamplerLoop:
                   "x_in": pending.x_in}
         if pending.eps_cond is not None:
             record.update(eps_cond=pending.eps_cond, eps_uncond=pending.eps_uncond)
+        if pending.attention is not None:
+            hw = tuple(self.latents.shape[-2:])
+            record["attention"] = combine(pending.attention, hw)[None]
+            record.update({f"attention_{r}": maps[None] for r, maps in pending.attention.items()})
         for key, value in record.items():
             self.captured.setdefault(key, []).append(value)
         index = len(self.steps) + 1
@@ -262,10 +269,17 @@ def denoise_steps(settings_list: list[Settings], pipe=None,
             loops.append(_SamplerLoop(settings=s, scheduler=scheduler, latents=latents, generator=generator,
                                       do_cfg=s.guidance_scale > 1 and not distilled_guidance, skipped_steps=skipped))
         initial_noise = noise
-    while not all(loop.done for loop in loops):  # the model runs in inference mode, never across a yield:
-        if should_stop is not None and should_stop():  # grad mode is per thread, and a generator may be
-            break  # resumed on another thread (Gradio's worker pool)
-        yield from _round(pipe, loops, positive, negative)
+    recorder = AttentionRecorder(unet) if first.attention else None
+    try:
+        if recorder is not None:
+            recorder.__enter__()
+        while not all(loop.done for loop in loops):  # the model runs in inference mode, never across a yield:
+            if should_stop is not None and should_stop():  # grad mode is per thread, and a generator may be
+                break  # resumed on another thread
+            yield from _round(pipe, loops, positive, negative, recorder)
+    finally:
+        if recorder is not None:
+            recorder.__exit__()
     common = dict(
         model_source=model_source, device=str(device), dtype=str(positive.dtype).replace("torch.", ""),
         text_embedding_shape=list(positive.shape), latent_shape=list(initial_noise.shape),
@@ -287,8 +301,9 @@ def _encode_image(pipe, image: np.ndarray, height: int, width: int):
 
 
 @torch.inference_mode()
-def _round(pipe, loops, positive, negative) -> list[StepEvent]:
-    """One batched UNet call for every active sampler, then each sampler's own step; the steps completed."""
+def _round(pipe, loops, positive, negative, recorder: AttentionRecorder | None = None) -> list[StepEvent]:
+    """One batched UNet call for every active sampler, then each sampler's own step; the steps completed.
+    With a recorder, the conditional rows of each sampler's first evaluation of a step are recorded."""
     unet = pipe.unet
     active = [i for i, loop in enumerate(loops) if not loop.done]
     inputs, times, embeds, conds = [], [], [], []
@@ -296,6 +311,8 @@ def _round(pipe, loops, positive, negative) -> list[StepEvent]:
         loop = loops[i]
         x_in, t = loop.model_input()
         copies = 2 if loop.do_cfg else 1
+        if recorder is not None and loop.pending is None:
+            recorder.rows.append((i, len(inputs) + copies - 1))  # the conditional row: after the negative one
         inputs += [x_in] * copies
         times += [t.float().reshape(1)] * copies
         embeds += [negative, positive] if loop.do_cfg else [positive]
@@ -305,6 +322,7 @@ def _round(pipe, loops, positive, negative) -> list[StepEvent]:
             conds += [cond.to(device=x_in.device, dtype=x_in.dtype)] * copies
     output = unet(torch.cat(inputs), torch.cat(times), encoder_hidden_states=torch.cat(embeds),
                   timestep_cond=torch.cat(conds) if conds else None, return_dict=False)[0]
+    maps = recorder.collect(tuple(inputs[0].shape[-2:])) if recorder is not None else {}
     events, offset = [], 0
     for i in active:
         loop = loops[i]
@@ -315,7 +333,7 @@ def _round(pipe, loops, positive, negative) -> list[StepEvent]:
         else:
             guided, cond, uncond = output[offset:offset + 1], None, None
             offset += 1
-        step = loop.advance(guided, cond, uncond)
+        step = loop.advance(guided, cond, uncond, maps.get(i))
         if step is not None:
             c = loop.captured
             events.append(StepEvent(i, step, c["latents"][-1], c["xt"][-1], c["x0"][-1], c["eps"][-1],
@@ -326,6 +344,13 @@ def _round(pipe, loops, positive, negative) -> list[StepEvent]:
 def _to_run(loop: _SamplerLoop, initial_noise: torch.Tensor, common: dict) -> Run:
     tensors = {k: torch.cat(v).float().cpu() for k, v in loop.captured.items()}
     tensors["initial_noise"] = initial_noise.float().cpu()
+    attention = None
+    if "attention" in tensors:  # keep the prompt's own tokens: one map each
+        span = token_span(common["token_strings"])
+        for name in [k for k in tensors if k.startswith("attention")]:
+            tensors[name] = tensors[name][:, span].contiguous()
+        attention = {"tokens": [t.replace("</w>", "") for t in common["token_strings"][span]],
+                     "resolutions": sorted(int(k.split("_")[1]) for k in tensors if k.startswith("attention_"))}
     for name in ("latents", "x0"):
         if name in tensors and not torch.isfinite(tensors[name]).all():
             bad = int((~torch.isfinite(tensors[name])).flatten(1).any(1).nonzero()[0]) + 1
@@ -339,7 +364,7 @@ def _to_run(loop: _SamplerLoop, initial_noise: torch.Tensor, common: dict) -> Ru
     info = RunInfo(scheduler=type(scheduler).__name__, scheduler_config=_jsonable(dict(scheduler.config)),
                    init_noise_sigma=float(scheduler.init_noise_sigma), prediction_type=loop.prediction_type,
                    unet_evaluations=loop.evaluations, stopped=len(loop.steps) < loop.total_steps, img2img=img2img,
-                   **common)
+                   attention=attention, **common)
     return Run(settings=loop.settings, steps=loop.steps, tensors=tensors, info=info)
 
 

@@ -45,6 +45,7 @@ class Settings:
     init_image: np.ndarray | None = field(default=None, repr=False, compare=False)  # img2img: uint8 HxWx3 (a PIL
     # image is accepted); None = start from pure noise
     strength: float = 0.8  # img2img only: share of the schedule run from the noised init image (1 = all of it)
+    attention: bool = False  # also record each prompt token's cross-attention map at every step (image unchanged)
 
     def validate(self) -> "Settings":
         """Raise SettingsError with a message a person can act on; return self when all is well."""
@@ -52,6 +53,8 @@ class Settings:
             raise SettingsError("The prompt must be text.")
         self.negative_prompt = self.negative_prompt or ""
         check_sampler(self.sampler)
+        if not isinstance(self.attention, bool):
+            raise SettingsError(f"attention must be True or False, got {self.attention!r}.")
         self.num_inference_steps = _whole("Steps", self.num_inference_steps, 1, MAX_STEPS)
         self.seed = _whole("Seed", self.seed, 0, MAX_SEED)
         self.guidance_scale = _number("Guidance scale", self.guidance_scale)
@@ -189,6 +192,8 @@ class RunInfo:
     img2img: Img2ImgInfo | None = None
     metrics: list[dict] | None = None  # per-step distances to the final image (insight.step_metrics)
     structure_step: int | None = None  # where structure appears (insight.structure_step)
+    attention: dict | None = None  # with Settings.attention: {"tokens": the prompt's tokens, one per map,
+    # "resolutions": the UNet resolutions of the per-resolution maps}
 
     @property
     def truncated(self) -> bool:
@@ -242,6 +247,8 @@ class Run:
             Image.fromarray(self.final_image).save(folder / "final.png")
         if self.settings.init_image is not None:
             Image.fromarray(self.settings.init_image).save(folder / "init.png")
+        if "attention" in self.tensors:  # [steps, tokens, h, w] on the latent grid
+            np.save(folder / "attention.npy", self.tensors["attention"].numpy().astype(np.float16))
         return folder
 
     @classmethod
