@@ -68,3 +68,26 @@ def test_cli_writes_attention_npy_when_asked(tiny_model, tmp_path, flag):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert (out / "attention.npy").exists() == flag
+
+
+def test_shares_are_a_distribution_over_the_words_at_every_step(tiny_model):
+    from visualizer.attention import shares
+
+    run = api.run(Settings(prompt="a red circle", model=tiny_model, num_inference_steps=4, attention=True))
+    rows = shares(run)
+    assert len(rows) == 4 and all(len(r) == 3 and abs(sum(r) - 1) < 1e-5 and min(r) > 0 for r in rows)
+
+
+def test_a_words_map_exports_as_a_gif_and_a_contact_sheet(tiny_model, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "visualizer", "run", "--prompt", "a red circle", "--model", tiny_model,
+            "--steps", "4", "--out", str(out)]
+    result = subprocess.run([*args, "--attention-token", "circle"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    gif = Image.open(out / "attention-circle.gif")
+    assert gif.n_frames == 4 and Image.open(out / "attention-circle-sheet.png").width > 0
+    result = subprocess.run([*args, "--attention-token", "square"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "its tokens are: a, red, circle" in result.stderr
+    assert "Traceback" not in result.stderr

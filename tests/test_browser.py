@@ -66,7 +66,8 @@ class Player:
         return int(self.range.input_value())
 
     def srcs(self) -> list[str]:
-        return self.page.eval_on_selector_all(f"{self.root} .vp-cell img", "ims => ims.map(i => i.getAttribute('src'))")
+        return self.page.eval_on_selector_all(f"{self.root} .vp-cell img:not(.vp-overlay)",
+                                             "ims => ims.map(i => i.getAttribute('src'))")
 
     def move(self, value: int) -> None:
         self.range.fill(str(value))  # sets the value and fires input and change, as a drag does
@@ -318,4 +319,46 @@ def test_img2img_from_an_upload(server, browser, tmp_path):
     assert "10 steps from the init image (strength 0.4: steps 16–25 of the schedule)" in player.status()
     assert player.position() == 10
     shot(page, "img2img-1280")
+    page.close()
+
+
+def test_word_maps_overlay_the_frame_and_follow_the_slider(server, browser):
+    page = open_page(browser, server)
+    player = Player(page)
+    page.locator("#attention input[type=checkbox]").check()
+    generate(page, prompt="a red circle on the left", steps=6)
+    player.wait_status("Done: 6 steps")
+    chips = page.locator("#player .vp-chips button")
+    assert chips.all_inner_texts() == ["a", "red", "circle", "on", "the", "left"]
+    overlay = page.locator("#player .vp-overlay").first
+    assert overlay.is_hidden()  # nothing picked: the plain frame
+    chips.nth(2).click()
+    assert overlay.is_visible() and "-attn2-0006." in overlay.get_attribute("src")
+    player.move(2)
+    assert "-attn2-0002." in overlay.get_attribute("src")  # the word's map follows the slider
+    page.locator("#player .vp-opacity").fill("0.2")
+    assert overlay.evaluate("e => e.style.opacity") == "0.2"
+    shot(page, "word-map-1280")
+    page.locator("#player .vp-tabs button[data-tab=words]").click()
+    assert page.locator("#player .vp-shares polyline").count() == 6  # one share curve per word
+    assert "-attn2-all-" in page.locator("#player .vp-all img").get_attribute("src")
+    chips.nth(2).click()  # picking it again takes the map away
+    assert overlay.is_hidden()
+    page.close()
+
+
+def test_the_comparison_shows_each_samplers_own_map_of_the_picked_word(server, browser):
+    page = open_page(browser, server)
+    page.get_by_role("tab", name="Compare samplers").click()
+    grid = Player(page, "c-player")
+    page.locator("#c-prompt textarea").fill("a red circle")
+    page.locator("#c-attention input[type=checkbox]").check()
+    box = page.locator("#c-steps input[type=number]")
+    box.fill("4")
+    box.press("Enter")
+    page.locator("#compare").click()
+    grid.wait_status("Done: 4 samplers")
+    page.locator("#c-player .vp-chips button").nth(2).click()  # "circle"
+    maps = page.eval_on_selector_all("#c-player .vp-overlay", "ims => ims.map(i => i.getAttribute('src'))")
+    assert [src.rsplit("/", 1)[-1] for src in maps] == [f"{cell}-attn2-0004.png" for cell in range(4)]
     page.close()

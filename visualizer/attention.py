@@ -13,8 +13,12 @@ uniform and a raw sum washes out the 8x8 layers' sharp placement of the shape wo
 """
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 
 class _CrossAttentionProcessor:
@@ -96,3 +100,61 @@ def centroid(attention_map: torch.Tensor) -> tuple[float, float]:
     ys = (torch.arange(h, dtype=torch.float32) + 0.5) / h
     xs = (torch.arange(w, dtype=torch.float32) + 0.5) / w
     return float((m.sum(0) * xs).sum() / total), float((m.sum(1) * ys).sum() / total)
+
+
+# ---- what a person sees: per-token heatmaps, their share of attention, exports ---------------------------
+
+def token_index(run, word: str) -> int:
+    """The position of `word` among the run's word-map tokens, or a SettingsError listing them."""
+    from .errors import SettingsError
+
+    tokens = (run.info.attention or {}).get("tokens")
+    if not tokens:
+        raise SettingsError("This run has no word maps: generate it with attention on (--attention).")
+    if word not in tokens:
+        raise SettingsError(f"{word!r} is not a token of this prompt; its tokens are: {', '.join(tokens)}.")
+    return tokens.index(word)
+
+
+def heat_frames(run, index: int) -> list[np.ndarray]:
+    """Token `index`'s combined map at every step as a heatmap (each step scaled to its own maximum)."""
+    from .insight import heat
+
+    return [heat(m.numpy()) for m in run.tensors["attention"][:, index]]
+
+
+def aggregate_heat(run, index: int) -> np.ndarray:
+    """Token `index`'s map summed over all steps (what DAAM shows), as a heatmap."""
+    from .insight import heat
+
+    return heat(run.tensors["attention"][:, index].sum(0).numpy())
+
+
+def shares(run) -> list[list[float]]:
+    """Per step, each token's share of the cross-attention the prompt's words get (raw maps, all resolutions)."""
+    names = [k for k in run.tensors if k.startswith("attention_")]
+    mass = sum(run.tensors[k].mean(dim=(2, 3)) for k in names) / len(names)  # [steps, tokens]
+    return (mass / mass.sum(1, keepdim=True).clamp_min(1e-12)).tolist()
+
+
+def overlay(frame: np.ndarray, heatmap: np.ndarray, opacity: float = 0.6) -> np.ndarray:
+    """`heatmap` (any size) laid over `frame` with `opacity`, where the map is bright."""
+    size = (frame.shape[1], frame.shape[0])
+    hot = np.asarray(Image.fromarray(heatmap).resize(size, Image.Resampling.BILINEAR), np.float32)
+    alpha = opacity * hot.max(axis=2, keepdims=True) / 255
+    return (frame * (1 - alpha) + hot * alpha).astype(np.uint8)
+
+
+def export_token(run, folder, word: str, view: str = "x0", fps: float = 8) -> dict[str, Path]:
+    """attention-WORD.gif (the word's map over the frames, every step) and attention-WORD-sheet.png."""
+    from .export import contact_sheet, prepare, save_gif, step_label, view_frames
+
+    index = token_index(run, word)
+    frames = [overlay(f, h) for f, h in zip(view_frames(run, view), heat_frames(run, index))]
+    labels = [f"{word} · {step_label(s, len(run))}" for s in run.steps]
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    gif = save_gif(prepare(frames, labels), folder / f"attention-{word}.gif", fps=fps)
+    sheet = folder / f"attention-{word}-sheet.png"
+    contact_sheet(frames, labels).save(sheet)
+    return {"gif": gif, "sheet": sheet}

@@ -33,6 +33,8 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strength", default=None, help="img2img: share of the schedule to run (default 0.8)")
     p.add_argument("--attention", action="store_true",
                    help="also record each prompt token's cross-attention map at every step (attention.npy)")
+    p.add_argument("--attention-token", default=None, metavar="WORD",
+                   help="a GIF and a contact sheet of WORD's map over the frames, per run folder (implies --attention)")
     p.add_argument("--view", choices=("xt", "x0", "both"), default="xt", help="frames shown in animations")
     p.add_argument("--fps", type=float, default=8)
     p.add_argument("--out", required=True, type=Path)
@@ -103,7 +105,8 @@ def settings_from_args(args) -> Settings:
             raise SettingsError(f"Could not read the init image {args.init_image}: {error}") from None
     elif "strength" in given:
         raise SettingsError("--strength applies to img2img: give an --init-image too.")
-    return Settings(prompt=args.prompt, attention=getattr(args, "attention", False), **given).validate()
+    attention = bool(getattr(args, "attention", False) or getattr(args, "attention_token", None))
+    return Settings(prompt=args.prompt, attention=attention, **given).validate()
 
 
 class _Progress:
@@ -140,6 +143,11 @@ def cmd_run(args) -> None:
     result.save(args.out)
     write_plots([result], args.out, schedule=True)
     written = export_run(result, args.out, [f for f in FORMATS if getattr(args, f)], view=args.view, fps=args.fps)
+    if args.attention_token:
+        from .attention import export_token
+
+        written.update({f"attention {k}": v for k, v in export_token(result, args.out, args.attention_token,
+                                                                     fps=args.fps).items()})
     structure = result.info.structure_step
     print(f"{len(result)} steps -> {args.out}/ (run.json, frames/, final.png, convergence.png, schedule.png"
           f"{''.join(', ' + p.name for p in written.values())}); structure appears at step {structure}")
@@ -170,6 +178,10 @@ def cmd_compare(args) -> None:
     _warn_truncation(runs[0])
     for r in runs:
         r.save(args.out / slug(r.settings.sampler))
+        if args.attention_token:
+            from .attention import export_token
+
+            export_token(r, args.out / slug(r.settings.sampler), args.attention_token, fps=args.fps)
     if args.runs_only:
         print(f"{len(runs)} samplers -> {args.out}/ (one run folder per sampler)")
         return

@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from .run import Run, Step
+from . import attention
 from .insight import change_image
 from .views import latent_tiles
 
@@ -29,6 +30,8 @@ class Cell:
     paths: dict[str, list[Path | None]] = field(default_factory=dict)  # kind -> one file per step (None: not yet)
     curve: list[float] | None = None  # 1 - SSIM of x0-hat to the final image, per step (finished runs)
     structure: int | None = None  # the step where structure appears
+    words: dict | None = None  # word maps: {"tokens": [...], "shares": per step, each token's share}; their
+    # heatmaps are the kinds "attn0", "attn1", ... (per step) and "attn0-all", ... (all steps, one image)
 
 
 class RunFiles:
@@ -86,6 +89,13 @@ class RunFiles:
                 self._write(cell, "latents", index, latent_tiles(run.tensors["xt"][index]))
                 self._write(cell, "noise", index, latent_tiles(run.tensors["eps"][index]))
         self.add_decoded({cell: {k: run.frames[k] for k in ("xt", "x0") if k in run.frames}})
+        if "attention" in run.tensors and run.info.attention:
+            tokens = run.info.attention["tokens"]
+            for k in range(len(tokens)):
+                for index, frame in enumerate(attention.heat_frames(run, k)):
+                    self._write(cell, f"attn{k}", index, frame)
+                self._write(cell, f"attn{k}-all", 0, attention.aggregate_heat(run, k))
+            self.cells[cell].words = {"tokens": tokens, "shares": attention.shares(run)}
         if run.info.metrics:
             self.cells[cell].curve = [round(1 - m["ssim_x0_to_final"], 4) for m in run.info.metrics]
             self.cells[cell].structure = run.info.structure_step

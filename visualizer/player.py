@@ -34,12 +34,17 @@ TEMPLATE = """
     <label><input class="vp-loop" type="checkbox" checked> Loop</label>
     <span class="vp-status"></span>
   </div>
+  <div class="vp-words" hidden>
+    <span>Word maps:</span><span class="vp-chips"></span>
+    <label>Opacity <input class="vp-opacity" type="range" min="0" max="1" step="0.05" value="0.6" aria-label="Opacity"></label>
+  </div>
   <div class="vp-insight">
     <div class="vp-tabs" role="tablist">
       <button type="button" data-tab="convergence" class="on">Convergence</button>
       <button type="button" data-tab="schedule">Schedule</button>
       <button type="button" data-tab="numbers">Numbers</button>
       <button type="button" data-tab="change">Change</button>
+      <button type="button" data-tab="words" class="vp-words-tab" hidden>Words</button>
     </div>
     <div class="vp-panel" data-panel="convergence">
       <svg class="vp-convergence" viewBox="0 0 640 240" role="img" aria-label="Convergence plot"></svg>
@@ -52,6 +57,12 @@ TEMPLATE = """
         model's input that is noise (right axis). The red line is the slider's step.</p>
     </div>
     <div class="vp-panel" data-panel="numbers" hidden><table class="vp-numbers"></table></div>
+    <div class="vp-panel" data-panel="words" hidden>
+      <svg class="vp-shares" viewBox="0 0 640 240" role="img" aria-label="Each word's share of attention per step"></svg>
+      <div class="vp-all"></div>
+      <p class="vp-explain">Each word's share of the cross-attention the prompt's words get, step by step (when
+        does each word matter?), and the picked word's map summed over all steps (what DAAM shows).</p>
+    </div>
     <div class="vp-panel" data-panel="change" hidden>
       <div class="vp-change"></div>
       <p class="vp-explain">What changed in x0-hat since the previous step: bright = large change. Early steps
@@ -90,6 +101,15 @@ CSS = """
 .vp-explain { font-size: 12px; color: var(--body-text-color-subdued); margin: 2px 0; }
 .vp-numbers { font-size: 13px; border-collapse: collapse; }
 .vp-numbers td, .vp-numbers th { padding: 2px 8px; border-bottom: 1px solid var(--border-color-primary); text-align: right; }
+.vp-stack { position: relative; display: flex; width: 100%; justify-content: center; }
+.vp-imgs img.vp-overlay { position: absolute; top: 0; height: 100%; width: auto; max-width: none;
+  aspect-ratio: 1; background: transparent; pointer-events: none; image-rendering: auto; mix-blend-mode: screen; }
+.vp-words { display: flex; flex-wrap: wrap; gap: 6px; align-items: center; font-size: 13px; }
+.vp-chips { display: flex; flex-wrap: wrap; gap: 4px; }
+.vp-chips button { padding: 2px 8px; border-radius: 12px; border: 1px solid var(--border-color-primary);
+  background: var(--background-fill-secondary); color: var(--body-text-color); cursor: pointer; font-size: 13px; }
+.vp-chips button.on { background: var(--color-accent); color: white; border-color: var(--color-accent); }
+.vp-all img { image-rendering: pixelated; width: 160px; height: 160px; }
 .vp-change { display: flex; flex-wrap: wrap; gap: 6px; }
 .vp-change figure { margin: 0; text-align: center; font-size: 12px; }
 .vp-change img { image-rendering: pixelated; width: 160px; height: 160px; object-fit: contain; }
@@ -101,7 +121,7 @@ const range = $('.vp-range'), label = $('.vp-label'), play = $('.vp-play'), view
 const speed = $('.vp-speed'), loop = $('.vp-loop'), status = $('.vp-status'), cellsBox = $('.vp-cells');
 const COLORS = ['#e4572e', '#17bebb', '#ffc914', '#76b041', '#a06cd5', '#2e86ab', '#f18f01', '#c73e1d'];
 const cache = new Map();  // url -> Image kept alive: every frame is fetched once, then served from memory
-let figures = [], timer = null, follow = true, runId = null, settled = 0, askedView = null;
+let figures = [], timer = null, follow = true, runId = null, settled = 0, askedView = null, word = -1;
 
 function preload(url) { if (url && !cache.has(url)) { const im = new Image(); im.src = url; cache.set(url, im); } }
 function cells() { return props.cells || []; }
@@ -128,10 +148,13 @@ function build() {  // one figure per cell; rebuilt only when the number of cell
   figures = cells().map(() => {
     const fig = document.createElement('figure'); fig.className = 'vp-cell';
     const imgs = document.createElement('div'); imgs.className = 'vp-imgs';
-    const list = kinds.map(kind => { const im = document.createElement('img'); im.alt = kind; imgs.appendChild(im); return im; });
+    const list = kinds.map(kind => { const im = document.createElement('img'); im.alt = kind; return im; });
+    const stack = document.createElement('span'); stack.className = 'vp-stack';
+    const over = document.createElement('img'); over.className = 'vp-overlay'; over.alt = 'word map'; over.hidden = true;
+    stack.append(list[0], over); imgs.appendChild(stack); list.slice(1).forEach(im => imgs.appendChild(im));
     const cap = document.createElement('figcaption');
     fig.append(imgs, cap); cellsBox.appendChild(fig);
-    return { imgs: list, kinds, cap };
+    return { imgs: list, kinds, cap, over };
   });
 }
 
@@ -149,6 +172,10 @@ function show(p) {  // put position p on screen: frames, captions, label, plot m
       shownStep = Math.max(shownStep, step);
       im.style.visibility = url ? 'visible' : 'hidden';
     });
+    const [mapUrl] = word >= 0 ? frameAt(cell, 'attn' + word, i) : [null];
+    f.over.hidden = !mapUrl;
+    if (mapUrl && f.over.getAttribute('src') !== mapUrl) f.over.src = mapUrl;
+    f.over.style.opacity = $('.vp-opacity').value;
     const s = (cell.steps || [])[Math.min(i, (cell.steps || []).length - 1)];
     const pending = shownStep < i ? ` · step ${i + 1} still computing` : '';
     f.cap.textContent = all.length > 1 ? cell.label + ' · ' +
@@ -163,7 +190,39 @@ function show(p) {  // put position p on screen: frames, captions, label, plot m
       : s ? `Step ${s.index} of ${first.total} · timestep t = ${fmt(s.t, 0)} · sigma = ${fmt(s.sigma, 3)} · noise ${Math.round(s.share * 100)}%` +
             (s.evals > 1 ? ` · ${s.evals} model evaluations` : '') : `Step ${i + 1} of ${first.total} · computing…`;
   } else label.textContent = 'No run yet: press Generate.';
-  markers(p); numbers(p); change(p);
+  markers(p); numbers(p); change(p); wordsMarker(p);
+}
+
+function words() {  // chips for the first cell's tokens; the Words tab's share plot, drawn once per update
+  const w = (cells()[0] || {}).words;
+  $('.vp-words').hidden = !w; $('.vp-words-tab').hidden = !w;
+  if (!w) { word = -1; return; }
+  if (word >= w.tokens.length) word = -1;
+  const chips = $('.vp-chips');
+  if (chips.dataset.tokens !== w.tokens.join(' ')) {
+    chips.dataset.tokens = w.tokens.join(' ');
+    chips.innerHTML = w.tokens.map((t, k) => `<button type="button" data-k="${k}">${t}</button>`).join('');
+    chips.querySelectorAll('button').forEach(b => b.addEventListener('click', () => {
+      word = word === +b.dataset.k ? -1 : +b.dataset.k; words(); show(+range.value);
+    }));
+  }
+  chips.querySelectorAll('button').forEach(b => b.classList.toggle('on', +b.dataset.k === word));
+  const n = w.shares.length, top = Math.max(...w.shares.flat(), 1e-6);
+  let svg = axes(null, 'step', "share of the words' attention");
+  const items = w.tokens.map((t, k) => {
+    const color = COLORS[k % COLORS.length];
+    const pts = w.shares.map((row, i) => `${scale(i + 1, 1, Math.max(n, 2), X0, X1)},${scale(row[k], 0, top, Y0, Y1)}`).join(' ');
+    svg += `<polyline points="${pts}" fill="none" stroke="${color}" stroke-width="${k === word ? 3.5 : 1.5}"/>`;
+    return [t, color];
+  });
+  svg += `<line class="vp-words-line" x1="-9" x2="-9" y1="${Y0}" y2="${Y1}" stroke="crimson" stroke-width="1.5"/>`;
+  $('.vp-shares').innerHTML = svg + legend(items);
+  const [all] = word >= 0 ? frameAt(cells()[0], 'attn' + word + '-all', 0) : [null];
+  $('.vp-all').innerHTML = all ? `<figure><img src="${all}" alt="all steps"><figcaption>“${w.tokens[word]}”, all steps</figcaption></figure>` : '<p class="vp-explain">Pick a word to see its map over all steps.</p>';
+}
+function wordsMarker(p) {
+  const line = $('.vp-words-line'), first = cells()[0];
+  if (line && first) { const x = scale(indexFor(first, p) + 1, 1, Math.max(first.total, 2), X0, X1); line.setAttribute('x1', x); line.setAttribute('x2', x); }
 }
 
 function scale(v, lo, hi, a, b) { return hi === lo ? (a + b) / 2 : a + (v - lo) / (hi - lo) * (b - a); }
@@ -303,7 +362,7 @@ function sync() {  // new props from the server: more frames, a new run, or a fi
   $('.vp-bar-fill').style.width = `${Math.round((props.live ? props.progress || 0 : 1) * 100)}%`;
   $('.vp-bar').style.visibility = props.live ? 'visible' : 'hidden';
   status.textContent = props.status || '';
-  plots();
+  plots(); words();
   if (follow) {
     const n = available(), first = cells()[0];
     show(props.live && first ? Math.max(1, Math.ceil(n / Math.max(1, first.total) * positions())) : positions());
@@ -315,6 +374,7 @@ range.addEventListener('change', settle);
 range.addEventListener('keyup', settle);
 play.addEventListener('click', () => timer ? (stop(), settle()) : start());
 speed.addEventListener('change', () => { if (timer) start(); });
+$('.vp-opacity').addEventListener('input', () => show(+range.value));
 viewSel.addEventListener('change', () => { build(); cellsBox.dataset.shape = cells().length + ':' + viewSel.value; show(+range.value); });
 element.querySelectorAll('.vp-tabs button').forEach(b => b.addEventListener('click', () => {
   element.querySelectorAll('.vp-tabs button').forEach(o => o.classList.toggle('on', o === b));

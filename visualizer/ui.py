@@ -51,6 +51,8 @@ def _settings_controls(default_model: str, allow_any: bool, prefix: str = ""):
         seed = gr.Number(value=DEFAULTS["seed"], precision=0, label="Seed", minimum=0, scale=3)
         randomize = gr.Button("Random seed", scale=1, min_width=80, elem_id=f"{prefix}randomize")
     randomize.click(lambda: int(np.random.randint(0, 2**31 - 1)), None, seed, api_visibility="private")
+    attention = gr.Checkbox(value=DEFAULTS["attention"], label="Word maps: record where each word of the prompt "
+                            "acts, at every step", elem_id=f"{prefix}attention")
     with gr.Accordion("Negative prompt, size and model", open=False):
         negative = gr.Textbox(label="Negative prompt", value=DEFAULTS["negative_prompt"])
         with gr.Row():
@@ -58,7 +60,7 @@ def _settings_controls(default_model: str, allow_any: bool, prefix: str = ""):
             height = gr.Number(value=0, precision=0, label="Height (0 = native)")
         model = gr.Dropdown([EMBEDDED, *ALIASES], value=default_model, label="Model", allow_custom_value=allow_any,
                             info="A local diffusers folder or hub id can be typed in" if allow_any else None)
-    return negative, seed, steps, guidance, width, height, model
+    return negative, seed, steps, guidance, width, height, model, attention
 
 
 def _player(props: dict, elem_id: str) -> gr.HTML:
@@ -85,7 +87,7 @@ def build(config: AppConfig) -> gr.Blocks:
                         stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
                     sampler = gr.Dropdown(sampler_names(), value=DEFAULTS["sampler"], label="Sampler",
                                           elem_id="sampler")
-                    negative, seed, steps, guidance, width, height, model = _settings_controls(
+                    negative, seed, steps, guidance, width, height, model, attention = _settings_controls(
                         config.default_model, config.allow_any_model)
                     with gr.Accordion("Start from an image (img2img)", open=False):
                         gr.Markdown(PROSE["img2img"], elem_classes="explain")
@@ -136,8 +138,8 @@ def build(config: AppConfig) -> gr.Blocks:
                     c_button = gr.Button("Compare", variant="primary", elem_id="compare")
                     c_samplers = gr.CheckboxGroup(sampler_names(), value=EXAMPLE_SAMPLERS, label="Samplers (2 to 8)",
                                                   elem_id="c-samplers")
-                    c_negative, c_seed, c_steps, c_guidance, c_width, c_height, c_model = _settings_controls(
-                        config.default_model, config.allow_any_model, prefix="c-")
+                    (c_negative, c_seed, c_steps, c_guidance, c_width, c_height, c_model,
+                     c_attention) = _settings_controls(config.default_model, config.allow_any_model, prefix="c-")
                     gr.Markdown(PROSE["compare"], elem_classes="explain")
                     with gr.Row():
                         c_buttons = {fmt: gr.Button(label, size="sm", elem_id=f"c-dl-{fmt}") for fmt, label in
@@ -162,7 +164,8 @@ def build(config: AppConfig) -> gr.Blocks:
         # ---- wiring -------------------------------------------------------------------------
         model_event = dict(concurrency_id=MODEL_CONCURRENCY, concurrency_limit=1, show_progress="hidden")
         run_button.click(
-            app.generate, [prompt, negative, seed, steps, guidance, sampler, width, height, model, init_image, strength],
+            app.generate, [prompt, negative, seed, steps, guidance, sampler, width, height, model, init_image, strength,
+                           attention],
             [play, final_image, run_id, table, status, notice, file_out, *g_images, stages],
             api_name="generate", **model_event,
         ).then(lambda rid: app.guidance(rid, None), run_id, g_images, show_progress="hidden", api_visibility="private")
@@ -175,7 +178,7 @@ def build(config: AppConfig) -> gr.Blocks:
             button.click(lambda rid, v, fmt=fmt: app.download(rid, fmt, v), [run_id, dl_view], file_out,
                          api_name=f"download_{fmt}")
         c_button.click(app.compare, [c_prompt, c_negative, c_seed, c_steps, c_guidance, c_samplers, c_width,
-                                     c_height, c_model], [c_play, c_grid, c_run_id, c_status, c_file],
+                                     c_height, c_model, c_attention], [c_play, c_grid, c_run_id, c_status, c_file],
                        api_name="compare", **model_event)
         for fmt, button in c_buttons.items():
             button.click(lambda rid, fmt=fmt: app.download_grid(rid, fmt), c_run_id, c_file,

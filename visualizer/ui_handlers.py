@@ -82,7 +82,7 @@ def player_props(files: RunFiles | None, run_id: str, *, live: bool = False, pro
     cells = [] if files is None else [
         {"label": c.label, "total": c.total, "steps": [step_props(s) for s in c.steps],
          "frames": {kind: [url(p) if p else None for p in paths] for kind, paths in c.paths.items()},
-         "curve": c.curve, "structure": c.structure} for c in files.cells]
+         "curve": c.curve, "structure": c.structure, "words": c.words} for c in files.cells]
     return {"cells": cells, "views": [[key, label] for label, key in views.VIEWS.items()], "live": live,
             "progress": progress, "status": status, "run": run_id, "view": view}
 
@@ -134,7 +134,7 @@ class App:
 
     # ---- handlers ---------------------------------------------------------------------------
     def settings(self, prompt, negative_prompt, seed, steps, guidance, sampler, width, height, model,
-                 init_image=None, strength=None) -> Settings:
+                 init_image=None, strength=None, attention=False) -> Settings:
         """The form's values as validated Settings (the form's size 0 means the model's native size)."""
         extra = {} if init_image is None else {"init_image": init_image, **({} if strength is None else
                                                                               {"strength": strength})}
@@ -142,7 +142,7 @@ class App:
             return Settings(prompt=prompt or "", negative_prompt=negative_prompt or "", seed=seed,
                             num_inference_steps=steps, guidance_scale=guidance, sampler=sampler,
                             width=width or None, height=height or None, model=_check_model(model, self.config),
-                            **extra).validate()
+                            attention=bool(attention), **extra).validate()
         except SettingsError as error:
             raise UserError(str(error)) from None
 
@@ -198,14 +198,14 @@ class App:
                            "per round.", view="x0" if stopped else None), run_id
 
     def generate(self, prompt, negative_prompt, seed, steps, guidance, sampler, width, height, model,
-                 init_image=None, strength=None, request: gr.Request = None):
+                 init_image=None, strength=None, attention=False, request: gr.Request = None):
         """Stream the run into the player; end with the final image, the steps table and the panels.
 
         With an `init_image` it is img2img at `strength`; without one, strength is ignored. **Stop** (see
         `stop`) ends the loop early and the steps computed so far stay on the player.
         """
         settings = self.settings(prompt, negative_prompt, seed, steps, guidance, sampler, width, height, model,
-                                 init_image, strength)
+                                 init_image, strength, attention)
         notice = _vocabulary_notice(settings.prompt, settings.model)
         first = True
         for props, run_id in self._stream(settings, None, request):
@@ -273,11 +273,12 @@ class App:
         return gr.update(**props), f"Noised at the {len(run)} noise levels of this run; it is a view of the player now."
 
     def compare(self, prompt, negative_prompt, seed, steps, guidance, samplers, width, height, model,
-                request: gr.Request = None):
+                attention=False, request: gr.Request = None):
         samplers = list(samplers or [])
         if not 2 <= len(samplers) <= 8:
             raise UserError(f"Pick 2 to 8 samplers to compare (you picked {len(samplers)}).")
-        settings = self.settings(prompt, negative_prompt, seed, steps, guidance, samplers[0], width, height, model)
+        settings = self.settings(prompt, negative_prompt, seed, steps, guidance, samplers[0], width, height, model,
+                                 attention=attention)
         for props, run_id in self._stream(settings, samplers, request):
             if run_id is None:
                 yield gr.update(**props), gr.skip(), gr.skip(), gr.skip(), None
