@@ -287,13 +287,25 @@ def test_settings_downloads_and_forward_noising(server, browser, tmp_path):
     page.close()
 
 
-def test_compare_grid_runs_and_its_shared_slider_moves_every_cell(server, browser):
+def compare(browser, server, prompt, steps=None, word_maps=False):
+    """Open the page, run a comparison of the default 4 samplers from the Compare tab; (page, its player)."""
     page = open_page(browser, server)
     page.get_by_role("tab", name="Compare samplers").click()
     grid = Player(page, "c-player")
-    page.locator("#c-prompt textarea").fill("a blue square")
+    page.locator("#c-prompt textarea").fill(prompt)
+    if word_maps:
+        page.locator("#c-attention input[type=checkbox]").check()
+    if steps is not None:
+        box = page.locator("#c-steps input[type=number]")
+        box.fill(str(steps))
+        box.press("Enter")
     page.locator("#compare").click()
     grid.wait_status("Done: 4 samplers")
+    return page, grid
+
+
+def test_compare_grid_runs_and_its_shared_slider_moves_every_cell(server, browser):
+    page, grid = compare(browser, server, "a blue square")
     end = grid.srcs()
     grid.move(3)
     moved = grid.srcs()
@@ -348,16 +360,7 @@ def test_word_maps_overlay_the_frame_and_follow_the_slider(server, browser):
 
 
 def test_the_comparison_shows_each_samplers_own_map_of_the_picked_word(server, browser):
-    page = open_page(browser, server)
-    page.get_by_role("tab", name="Compare samplers").click()
-    grid = Player(page, "c-player")
-    page.locator("#c-prompt textarea").fill("a red circle")
-    page.locator("#c-attention input[type=checkbox]").check()
-    box = page.locator("#c-steps input[type=number]")
-    box.fill("4")
-    box.press("Enter")
-    page.locator("#compare").click()
-    grid.wait_status("Done: 4 samplers")
+    page, _ = compare(browser, server, "a red circle", steps=4, word_maps=True)
     page.locator("#c-player .vp-chips button").nth(2).click()  # "circle"
     maps = page.eval_on_selector_all("#c-player .vp-overlay", "ims => ims.map(i => i.getAttribute('src'))")
     assert [src.rsplit("/", 1)[-1] for src in maps] == [f"{cell}-attn2-0004.png" for cell in range(4)]
