@@ -84,3 +84,23 @@ def test_taesd_loads_from_a_local_folder_and_decodes(tmp_path, monkeypatch, tiny
     taesd = load_taesd(torch.device("cpu"))
     frames = taesd_decode(taesd, torch.randn(2, 4, 8, 8), scaling_factor=0.18215)
     assert frames.shape == (2, 64, 64, 3) and frames.dtype.name == "uint8"
+
+
+@pytest.mark.parametrize("pipeline, family", [
+    ("StableDiffusionXLPipeline", "Stable Diffusion XL"),
+    ("StableDiffusion3Pipeline", "Stable Diffusion 3.x"),
+    ("FluxPipeline", "Flux.1"),
+    ("SomeoneElsesPipeline", "another"),
+])
+def test_a_folder_of_another_family_says_which_family_it_is(tmp_path, pipeline, family):
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": pipeline}))
+    with pytest.raises(ModelLoadError) as error:
+        resolve(str(tmp_path))
+    message = str(error.value)
+    assert f"is a {family} model ({pipeline})" in message and "1.x / 2.x models only" in message
+
+
+def test_an_unreadable_model_index_is_said_plainly(tmp_path):
+    (tmp_path / "model_index.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match="not readable JSON"):
+        resolve(str(tmp_path))

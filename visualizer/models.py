@@ -5,6 +5,7 @@ give NaN frames); the CPU runs fp32.
 """
 from __future__ import annotations
 
+import json
 import re
 import threading
 from collections import OrderedDict
@@ -22,6 +23,14 @@ ALIASES = {
     "sd21": "stabilityai/stable-diffusion-2-1-base",
     "sd-turbo": "stabilityai/sd-turbo",
 }
+# model_index.json's pipeline class -> the family a person knows; only SUPPORTED ones load in this version
+FAMILIES = {
+    "StableDiffusionPipeline": "Stable Diffusion 1.x / 2.x", "StableDiffusionImg2ImgPipeline": "Stable Diffusion 1.x / 2.x",
+    "StableDiffusionXLPipeline": "Stable Diffusion XL", "StableDiffusionXLImg2ImgPipeline": "Stable Diffusion XL",
+    "StableDiffusion3Pipeline": "Stable Diffusion 3.x", "FluxPipeline": "Flux.1",
+    "PixArtAlphaPipeline": "PixArt-alpha", "KandinskyV22Pipeline": "Kandinsky 2.2",
+}
+SUPPORTED = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 _CACHE_SIZE = 2
 
@@ -56,11 +65,24 @@ def resolve(reference: str | None) -> ModelRef:
         if not (path / "model_index.json").exists():
             raise ModelLoadError(f"{name} is a folder but not a diffusers model (no model_index.json). "
                                  "Point to a folder saved with save_pretrained.")
+        _check_family(name, path / "model_index.json")
         return ModelRef(name, str(path.resolve()), True)
     if _HUB_ID.match(name) and not name.startswith((".", "/", "~")):
         return ModelRef(name, name, False)
     raise ModelLoadError(f"Model {name!r} is neither a folder on this machine, a hub id (owner/name), "
                          f"nor an alias ({', '.join([EMBEDDED, *ALIASES])}).")
+
+
+def _check_family(name: str, index: Path) -> None:
+    """Raise ModelLoadError naming the family when a folder holds a pipeline this version cannot run."""
+    try:
+        pipeline = json.loads(index.read_text()).get("_class_name", "")
+    except (OSError, ValueError, AttributeError):
+        raise ModelLoadError(f"{name}: its model_index.json is not readable JSON.") from None
+    if pipeline and pipeline not in SUPPORTED:
+        family = FAMILIES.get(pipeline, "another")
+        raise ModelLoadError(f"{name} is a {family} model ({pipeline}); this version runs Stable Diffusion "
+                             "1.x / 2.x models only (SDXL, SD 3 and Flux are planned).")
 
 
 class _PipelineCache:
