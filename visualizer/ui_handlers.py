@@ -177,8 +177,6 @@ class App:
                     last_sent, final_shown = now, final_shown or first_after_loop
                     files.add_decoded(item.frames)
                     yield player_props(files, run_id, live=True, progress=progress, status=status), None
-        except VisualizerError as error:
-            raise UserError(str(error)) from None
         except Exception as error:
             raise _user_error(error) from error
         finally:  # a closed tab lands here: the engine's generator is closed with this one
@@ -231,7 +229,7 @@ class App:
     def show_step(self, run_id, step, view_label):
         """API: the frame of a step in a view (by label or key) and its description."""
         run = self._runs(run_id)[0]
-        index = int(min(max(1, step or 1), len(run))) - 1
+        index = _step_index(run, step)
         try:
             image = views.frame(run, index, views.VIEWS.get(view_label, view_label))
         except ValueError as error:
@@ -243,7 +241,7 @@ class App:
         if not run_id:
             return (None,) * 4
         run = self._runs(run_id)[0]
-        index = int(min(max(1, step or len(run)), len(run))) - 1
+        index = _step_index(run, step or len(run))
         parts = api.guidance_breakdown(run, index) or {}
         return tuple(np.asarray(upscale(parts[k], 160)) if k in parts else None
                      for k in ("uncond", "cond", "added", "guided"))
@@ -251,7 +249,7 @@ class App:
     def insight(self, run_id, step):
         """API: every insight panel of a step as images and text (the page draws its own)."""
         run = self._runs(run_id)[0]
-        index = int(min(max(1, step or 1), len(run))) - 1
+        index = _step_index(run, step)
         convergence = insight.figure_png(insight.convergence_plot([run], current=index + 1))
         schedule = insight.figure_png(insight.schedule_plot(run, current=index + 1))
         return (convergence, schedule, insight.step_numbers(run, index), *self.guidance(run_id, index + 1),
@@ -332,6 +330,11 @@ def _user_error(error: Exception) -> gr.Error:
         log.exception("run failed")
         message = f"The run failed: {type(error).__name__}: {str(error)[:200]}"
     return UserError(message)
+
+
+def _step_index(run, step) -> int:
+    """A 1-based step from a form or API call (empty = the first) as a 0-based index into `run`."""
+    return int(min(max(1, step or 1), len(run))) - 1
 
 
 def steps_table(run) -> list[list]:
