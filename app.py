@@ -1,4 +1,5 @@
-"""Launch the denoising visualizer: python app.py [--model M] [--host H] [--port P] [--share] [--auth user:pass]"""
+"""Launch the denoising visualizer: python app.py [--model M] [--host H] [--port P] [--share] [--auth user:pass]
+[--replicas N [--replica-threads T] [--ray-address ADDR]]"""
 import argparse
 import logging
 import ipaddress
@@ -31,22 +32,40 @@ def main(argv=None) -> None:
     parser.add_argument("--frame-cache-mb", type=int, default=512,
                         help="decoded frames kept in memory; older runs are re-decoded from their latents")
     parser.add_argument("--cache-ttl", type=int, default=3600, help="seconds served files are kept before deletion")
+    parser.add_argument("--replicas", type=int, default=None,
+                        help="run the model on N Ray Serve replicas (one GPU each where there are GPUs); "
+                             "this process stays the one web front")
+    parser.add_argument("--replica-threads", type=int, default=None,
+                        help="torch threads per replica on CPUs (default: the cores divided by the replicas)")
+    parser.add_argument("--ray-address", default=None,
+                        help="join this Ray cluster (e.g. auto, HEAD:6379) instead of starting a local Ray "
+                             "(1 replica unless --replicas says more)")
     args = parser.parse_args(argv)
+    if args.replicas is not None and args.replicas < 1 or args.replica_threads is not None and args.replica_threads < 1:
+        parser.error("--replicas and --replica-threads take a whole number from 1")
+    if args.replica_threads and not (args.replicas or args.ray_address):
+        parser.error("--replica-threads applies only with --replicas or --ray-address")
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "httpcore", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from visualizer.ui import CSS, AppConfig, build
-    from visualizer.ui_handlers import warm_up
+    from visualizer.api import warm_up
 
     public = args.share or not is_loopback(args.host)
     output_dir = args.output_dir.resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
-    demo = build(AppConfig(output_dir=output_dir, default_model=args.model,
-                           allow_any_model=args.allow_any_model or not public, run_capacity=args.keep_runs,
-                           frame_budget_mb=args.frame_cache_mb,
-                           cache_ttl=args.cache_ttl))
-    warm_up(args.model)  # the first Generate streams as fast as later ones
+    config = AppConfig(output_dir=output_dir, default_model=args.model,
+                       allow_any_model=args.allow_any_model or not public, run_capacity=args.keep_runs,
+                       frame_budget_mb=args.frame_cache_mb, cache_ttl=args.cache_ttl)
+    if args.replicas or args.ray_address:  # Ray is imported only here
+        from visualizer import serve
+
+        config.engine = serve.start(args.replicas or 1, args.replica_threads, args.ray_address, args.model)
+        config.concurrent_runs = config.engine.replicas  # each replica has warmed the model up
+    else:
+        warm_up(args.model)  # the first Generate streams as fast as later ones
+    demo = build(config)
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
     if args.auth and len(auth) != 2:
         sys.exit("error: --auth takes user:password")

@@ -141,19 +141,19 @@ def _stream(settings, samplers, should_stop, frames):
                 break
             if decoder is not None:
                 decoder(event)
-            yield StepUpdate(event, _snapshot(decoder.frames) if decoder else {}, cheap)
+            yield StepUpdate(event, snapshot(decoder.frames) if decoder else {}, cheap)
     finally:
         steps.close()
     if decoder is not None:
         for remaining in decoder.drain(runs):
-            yield DecodeUpdate(runs, _snapshot(decoder.frames), remaining)
+            yield DecodeUpdate(runs, snapshot(decoder.frames), remaining)
         decoder.finish(runs)
         for r in runs:
             insight.attach_metrics(r)
     yield runs if samplers is not None else runs[0]
 
 
-def _snapshot(frames: dict) -> dict:
+def snapshot(frames: dict) -> dict:
     """A copy of the decoded-frames index (not the frames) that the engine thread will not change under the
     caller."""
     return {index: {kind: dict(steps) for kind, steps in kinds.items()} for index, kinds in frames.items()}
@@ -202,3 +202,8 @@ def forward_noising(run: Run, image: np.ndarray | None = None) -> list[np.ndarra
 def guidance_breakdown(run: Run, index: int) -> dict[str, np.ndarray] | None:
     """What step `index` (0-based) predicts without the prompt, with it, and what guidance adds (insight)."""
     return on_engine(lambda: insight.guidance_breakdown(run, index, load_pipeline(run.settings.model).vae))
+
+
+def warm_up(model: str) -> None:
+    """Load `model` and run one step on the engine thread, so that the first run streams as fast as later ones."""
+    run(Settings(prompt="", model=model, num_inference_steps=1), frames=("x0",))

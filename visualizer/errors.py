@@ -27,6 +27,13 @@ class NonFiniteError(VisualizerError, RuntimeError):
     """The model produced NaN or infinite values."""
 
 
+class ReplicaLost(VisualizerError, RuntimeError):
+    """The model replica running a run stopped (killed, crashed, its node lost) before the run finished."""
+
+    def __str__(self) -> str:
+        return "The model replica running this run stopped unexpectedly; run it again (another replica takes it)."
+
+
 class RunExpired(VisualizerError, KeyError):
     """A run id the app no longer holds."""
 

@@ -12,6 +12,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import gradio as gr
 import numpy as np
@@ -44,6 +45,8 @@ class AppConfig:
     frame_budget_mb: int = 512  # decoded frames kept in memory; older runs are re-decoded when revisited
     cache_ttl: int = 3600  # seconds Gradio keeps the files it serves before deleting them
     example_dir: Path | None = EXAMPLE_DIR  # a saved comparison shown on the players when the page opens
+    engine: Any = api  # what runs the model: `api` in this process, or serve.Replicas (the same four functions)
+    concurrent_runs: int = 1  # model events served at once (one per replica with serve.Replicas)
 
 
 class UserError(gr.Error):
@@ -157,7 +160,7 @@ class App:
         files = RunFiles(self.store.output_dir / run_id / "player", names, [settings.steps_to_run] * len(names))
         last_sent, result, final_shown = 0.0, None, False
         try:
-            for item in api.stream(settings, samplers, should_stop=stop.is_set):
+            for item in self.config.engine.stream(settings, samplers, should_stop=stop.is_set):
                 if isinstance(item, StepUpdate):
                     files.add_step(item.event)
                     done, total = item.event.step.index, item.event.total_steps
@@ -242,7 +245,7 @@ class App:
             return (None,) * 4
         run = self._runs(run_id)[0]
         index = _step_index(run, step or len(run))
-        parts = api.guidance_breakdown(run, index) or {}
+        parts = self.config.engine.guidance_breakdown(run, index) or {}
         return tuple(np.asarray(upscale(parts[k], 160)) if k in parts else None
                      for k in ("uncond", "cond", "added", "guided"))
 
@@ -261,7 +264,7 @@ class App:
             raise UserError("Generate a run first: its noise levels are the ones used.")
         run = self._runs(run_id)[0]
         try:
-            forward = api.forward_noising(run, image)
+            forward = self.config.engine.forward_noising(run, image)
         except SettingsError as error:
             raise UserError(str(error)) from None
         files = self._player_files(run_id)
@@ -313,7 +316,7 @@ class App:
         if not run_id:
             raise UserError("Generate a run first.")
         try:
-            return self.store.get(run_id, redecode=api.redecode)
+            return self.store.get(run_id, redecode=self.config.engine.redecode)
         except VisualizerError as error:
             raise UserError(str(error)) from None
 
@@ -341,9 +344,3 @@ def steps_table(run) -> list[list]:
     """The steps as rows for the steps-table panel."""
     return [[s.index, round(s.timestep, 1), round(s.sigma, 4), round(s.noise_share, 4), s.evaluations]
             for s in run.steps]
-
-
-def warm_up(model: str) -> None:
-    """Load the default model and run one step (on the engine thread), so the first Generate streams as fast
-    as later ones."""
-    api.run(Settings(prompt="", model=model, num_inference_steps=1), frames=("x0",))
