@@ -1,6 +1,7 @@
 """The app in a real headless Chromium, pressed as a person would: every control of the player, the
 settings, the comparison and the downloads; screenshots (SCREENSHOT_DIR) for a person to look at."""
 import os
+import re
 import shutil
 import urllib.request
 from pathlib import Path
@@ -364,4 +365,57 @@ def test_the_comparison_shows_each_samplers_own_map_of_the_picked_word(server, b
     page.locator("#c-player .vp-chips button").nth(2).click()  # "circle"
     maps = page.eval_on_selector_all("#c-player .vp-overlay", "ims => ims.map(i => i.getAttribute('src'))")
     assert [src.rsplit("/", 1)[-1] for src in maps] == [f"{cell}-attn2-0004.png" for cell in range(4)]
+    page.close()
+
+
+def _pixels(server, src) -> "np.ndarray":
+    import numpy as np
+
+    with urllib.request.urlopen(server.rstrip("/") + src) as response:
+        return np.asarray(Image.open(response).convert("RGB"), dtype=float)
+
+
+def test_the_2d_playground_moves_the_points_traces_a_click_and_guides_to_a_cluster(server, browser):
+    page = open_page(browser, server)
+    page.get_by_role("tab", name="2D playground").click()
+    toy = Player(page, "t-player")
+    page.locator("#t-player .vp-cell img").first.wait_for()
+    assert toy.label().startswith("Step 40 of 40") and toy.position() == 41  # opens on a finished run
+    end = toy.srcs()[0]
+    toy.move(1)
+    assert toy.label().startswith("Start: the initial noise")
+    start = toy.srcs()[0]
+    assert start != end and abs(_pixels(server, start) - _pixels(server, end)).mean() > 2  # points and arrows moved
+
+    box = page.locator("#t-player .vp-cell img").first.bounding_box()  # click a point: its path is traced
+    page.mouse.click(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.5)
+    page.wait_for_selector("#t-player .vp-trace circle")
+    assert page.locator("#t-player .vp-trace polyline").count() == 2
+    ring = lambda: page.locator("#t-player .vp-trace circle").first.get_attribute("cx")
+    before = ring()
+    toy.move(41)
+    assert ring() != before  # the ring follows the slider along the path
+    shot(page, "toy-1280")
+
+    page.locator("#t-samplers").get_by_label("DDIM", exact=True).check()  # two samplers, same starting points
+    page.locator("#t-run").click()
+    toy.wait_status("Click a point")
+    page.wait_for_function("document.querySelectorAll('#t-player .vp-cell').length === 2")
+    captions = page.locator("#t-player .vp-cell figcaption").all_inner_texts()
+    assert [c.split(" · ")[0] for c in captions] == ["Euler", "DDIM"]
+    toy.move(1)
+    first_frames = toy.srcs()
+    assert (_pixels(server, first_frames[0]) == _pixels(server, first_frames[1])).mean() > 0.95  # same start
+    assert page.locator("#t-player .vp-trace circle").count() == 2  # the traced point, in both cells
+
+    page.locator("#t-pattern").get_by_label("shapes").check()  # ask for a cluster: guidance bends the paths
+    page.locator("#t-label input").click()
+    page.get_by_role("option", name="triangle").click()
+    page.locator("#t-run").click()
+    toy.wait_status("ended on the triangle")
+    share = int(re.search(r"(\d+)% ended on the triangle", toy.status()).group(1))
+    assert share >= 90
+    toy.view("x0")
+    assert all("x0" in src for src in toy.srcs())
+    shot(page, "toy-shapes-1280")
     page.close()

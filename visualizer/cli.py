@@ -1,4 +1,4 @@
-"""The command line: `python -m visualizer run | compare | samplers | export | bench`."""
+"""The command line: `python -m visualizer run | compare | toy | samplers | export | bench`."""
 from __future__ import annotations
 
 import argparse
@@ -6,6 +6,7 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from .errors import SettingsError, VisualizerError, user_message
@@ -57,6 +58,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_options(p)
     p.add_argument("--mp4", action="store_true", help="also write grid.mp4")
     p.add_argument("--runs-only", action="store_true", help="write only the run folders (no grid or plots)")
+    p = sub.add_parser("toy", help="the 2D playground: points flowing from noise onto a pattern")
+    p.add_argument("--pattern", help="ring, spiral or shapes (default spiral)")
+    p.add_argument("--steps", help="sampler steps (default 40)")
+    p.add_argument("--sampler", help='default Euler; several, comma-separated, move the same points side by side')
+    p.add_argument("--seed", help="default 0")
+    p.add_argument("--points", help="default 1024")
+    p.add_argument("--label", help="shapes only: the cluster to ask for (circle, square, triangle)")
+    p.add_argument("--guidance", help="classifier-free guidance toward --label (default 3.0)")
+    p.add_argument("--fps", type=float, default=10)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--gif", action="store_true", help="write points.gif (the points and the field)")
+    p.add_argument("--mp4", action="store_true", help="write points.mp4")
     sub.add_parser("samplers", help="list the sampler names")
     p = sub.add_parser("export", help="re-export a saved run folder without regenerating")
     p.add_argument("rundir", type=Path)
@@ -72,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--app", action="store_true",
                    help="also the app in Chromium: time to the final image, slider latency, Play's frame rate")
     p.add_argument("--out", type=Path, default=Path("bench.json"))
+    p.add_argument("--replicas", default=None, metavar="N,M,...",
+                   help="instead: 4 concurrent 40-step runs on N, then M, ... Ray Serve replicas (e.g. 1,2)")
+    p.add_argument("--replica-threads", type=int, default=1, help="torch threads per replica (with --replicas)")
     return parser
 
 
@@ -190,6 +206,27 @@ def cmd_compare(args) -> None:
     print(f"{len(runs)} samplers -> {args.out}/ (grid.png, grid.gif, convergence.png, one folder per sampler)")
 
 
+TOY_FLAGS = {"pattern": ("pattern", str), "num_inference_steps": ("steps", int), "seed": ("seed", int),
+             "points": ("points", int), "label": ("label", str), "guidance_scale": ("guidance", float)}
+
+
+def cmd_toy(args) -> None:
+    from . import toy, toy_render
+
+    given = {name: text if kind is str else _number(text, kind, "--" + flag) for name, (flag, kind) in TOY_FLAGS.items()
+             if (text := getattr(args, flag)) is not None}
+    samplers = [s.strip() for s in (args.sampler or toy.TOY_DEFAULTS["sampler"]).split(",") if s.strip()]
+    runs = toy.sample([toy.ToySettings(sampler=s, **given) for s in samplers])
+    folders = [runs[0].save(args.out)] if len(runs) == 1 else [r.save(args.out / slug(r.settings.sampler)) for r in runs]
+    written = toy_render.export(runs, args.out, [f for f in ("gif", "mp4") if getattr(args, f)], fps=args.fps)
+    pattern = toy.sample_pattern(runs[0].settings.pattern, 4000, seed=1)[0]
+    for r in runs:
+        ratio = np.median(toy.nearest(r.points[-1], pattern)[0]) / np.median(toy.nearest(r.points[0], pattern)[0])
+        print(f"{r.settings.sampler}: median distance to the pattern {ratio:.1%} of the noise's after {len(r)} steps")
+    print(f"-> {', '.join(str(f) for f in folders)} (run.json, points.npy, x0.npy, field.npy, pattern.npy)"
+          f"{''.join(', ' + str(p) for p in written.values())}")
+
+
 def cmd_samplers(args) -> None:
     from .samplers import SAMPLERS, TWO_EVALUATION_SAMPLERS
 
@@ -209,6 +246,12 @@ def cmd_export(args) -> None:
 
 
 def cmd_bench(args) -> None:
+    if args.replicas:
+        from .bench_serve import main as bench_serve
+
+        bench_serve([_number(n, int, "--replicas") for n in args.replicas.split(",")], args.replica_threads,
+                    repeats=args.repeats)
+        return
     from .bench import main as bench_main
 
     bench_main(quick=args.quick, repeats=args.repeats, out=args.out, sd15_size=args.sd15_size,
@@ -221,7 +264,7 @@ def _warn_truncation(run) -> None:
               f"ignored: {run.info.dropped_text!r}", file=sys.stderr)
 
 
-COMMANDS = {"run": cmd_run, "compare": cmd_compare, "samplers": cmd_samplers, "export": cmd_export, "bench": cmd_bench}
+COMMANDS = {"run": cmd_run, "compare": cmd_compare, "toy": cmd_toy, "samplers": cmd_samplers, "export": cmd_export, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

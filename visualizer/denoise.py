@@ -69,8 +69,11 @@ class _Pending:
 
 
 @dataclass
-class _SamplerLoop:
-    """One sampler's state: its own scheduler, latents, generator and captured steps."""
+class SamplerLoop:
+    """One sampler's state: its own scheduler, latents, generator and captured steps.
+
+    Model-agnostic: a caller feeds it the (guided) output of any denoiser for `model_input()` (the image
+    models here, the 2D points of toy.py); `settings` needs num_inference_steps, guidance_scale, sampler."""
     settings: Settings
     scheduler: object
     latents: torch.Tensor
@@ -184,6 +187,11 @@ class _SamplerLoop:
         return step
 
 
+def guide(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance (Ho & Salimans 2022): uncond + scale * (cond - uncond)."""
+    return uncond + scale * (cond - uncond)
+
+
 def predictions(x_in: torch.Tensor, output: torch.Tensor, sigma, prediction_type: str):
     """(x0-hat, eps) from a model output, for a model input x_in = (x0 + sigma * eps) / sqrt(1 + sigma^2)."""
     alpha = 1.0 / math.sqrt(1.0 + float(sigma) ** 2)
@@ -266,7 +274,7 @@ def denoise_steps(settings_list: list[Settings], pipe=None,
                 if hasattr(scheduler, "set_begin_index"):
                     scheduler.set_begin_index(start)
                 latents = scheduler.add_noise(init_latents, noise, scheduler.timesteps[start:start + 1])
-            loops.append(_SamplerLoop(settings=s, scheduler=scheduler, latents=latents, generator=generator,
+            loops.append(SamplerLoop(settings=s, scheduler=scheduler, latents=latents, generator=generator,
                                       do_cfg=s.guidance_scale > 1 and not distilled_guidance, skipped_steps=skipped))
         initial_noise = noise
     recorder = AttentionRecorder(unet) if first.attention else None
@@ -328,7 +336,7 @@ def _round(pipe, loops, positive, negative, recorder: AttentionRecorder | None =
         loop = loops[i]
         if loop.do_cfg:
             uncond, cond = output[offset:offset + 1], output[offset + 1:offset + 2]
-            guided = uncond + loop.settings.guidance_scale * (cond - uncond)
+            guided = guide(uncond, cond, loop.settings.guidance_scale)
             offset += 2
         else:
             guided, cond, uncond = output[offset:offset + 1], None, None
@@ -341,7 +349,7 @@ def _round(pipe, loops, positive, negative, recorder: AttentionRecorder | None =
     return events
 
 
-def _to_run(loop: _SamplerLoop, initial_noise: torch.Tensor, common: dict) -> Run:
+def _to_run(loop: SamplerLoop, initial_noise: torch.Tensor, common: dict) -> Run:
     tensors = {k: torch.cat(v).float().cpu() for k, v in loop.captured.items()}
     tensors["initial_noise"] = initial_noise.float().cpu()
     attention = None

@@ -12,6 +12,10 @@ Props (all plain JSON):
 - `views`: [[kind, label], ...] the View menu offers (kinds missing from a cell are skipped)
 - `live`: a run is computing; `progress`: 0..1 of it; `status`: one line; `run`: an id that changes per run
 - `view`: a view to switch to when it changes (a stopped run shows x0-hat, its best guess so far)
+- a cell may also hold `start: true` (its first position is the initial noise, before step 1, as index 0 of
+  `steps`) and `trace`: the URL of {size, points: [[[x, y] per point] per position]} in frame pixels; clicking
+  a frame then traces the nearest point's path in every cell (2D runs: toy_render.trace)
+- `tabs`: the insight tabs to offer (default: all)
 - `panel`: the elem_id of a server-side panel that follows the step the person settles on (or null)
 - `value`: that step, sent to Python only while the panel is on screen: scrubbing makes no requests
 """
@@ -102,8 +106,10 @@ CSS = """
 .vp-numbers { font-size: 13px; border-collapse: collapse; }
 .vp-numbers td, .vp-numbers th { padding: 2px 8px; border-bottom: 1px solid var(--border-color-primary); text-align: right; }
 .vp-stack { position: relative; display: flex; width: 100%; justify-content: center; }
+.vp-trace { position: absolute; top: 0; height: 100%; aspect-ratio: 1; pointer-events: none; }
 .vp-imgs img.vp-overlay { position: absolute; top: 0; height: 100%; width: auto; max-width: none;
   aspect-ratio: 1; background: transparent; pointer-events: none; image-rendering: auto; mix-blend-mode: screen; }
+.vp-words[hidden] { display: none; }
 .vp-words { display: flex; flex-wrap: wrap; gap: 6px; align-items: center; font-size: 13px; }
 .vp-chips { display: flex; flex-wrap: wrap; gap: 4px; }
 .vp-chips button { padding: 2px 8px; border-radius: 12px; border: 1px solid var(--border-color-primary);
@@ -122,6 +128,8 @@ const speed = $('.vp-speed'), loop = $('.vp-loop'), status = $('.vp-status'), ce
 const COLORS = ['#e4572e', '#17bebb', '#ffc914', '#76b041', '#a06cd5', '#2e86ab', '#f18f01', '#c73e1d'];
 const cache = new Map();  // url -> Image kept alive: every frame is fetched once, then served from memory
 let figures = [], timer = null, follow = true, runId = null, settled = 0, askedView = null, word = -1;
+let traced = -1;  // the point whose path is traced (cells with `trace`), -1 for none
+const traces = new Map();  // trace url -> its data, fetched on the first click
 
 function preload(url) { if (url && !cache.has(url)) { const im = new Image(); im.src = url; cache.set(url, im); } }
 function cells() { return props.cells || []; }
@@ -136,6 +144,36 @@ function frameAt(cell, kind, i) {  // newest frame of `kind` at or before step i
   for (let k = Math.min(i, list.length - 1); k >= 0; k--) if (list[k]) return [list[k], k];
   return [null, -1];
 }
+function stepName(cell, k) {  // the step at index k of a cell's steps, in words
+  return cell.start ? (k === 0 ? 'start (initial noise)' : `step ${k}/${cell.total - 1}`) : `step ${k + 1}/${cell.total}`;
+}
+function loadTrace(url) {
+  return traces.has(url) ? Promise.resolve(traces.get(url))
+    : fetch(url).then(r => r.json()).then(data => { traces.set(url, data); return data; });
+}
+async function pick(c, event) {  // trace the point nearest the click, in every cell (they share starting points)
+  const cell = cells()[c];
+  if (!cell || !cell.trace) return;
+  const data = await loadTrace(cell.trace), box = figures[c].imgs[0].getBoundingClientRect();
+  const x = (event.clientX - box.left) / box.width * data.size, y = (event.clientY - box.top) / box.height * data.size;
+  let best = -1, bestD = Infinity;
+  data.points[indexFor(cell, +range.value)].forEach(([px, py], k) => {
+    const d = (px - x) ** 2 + (py - y) ** 2; if (d < bestD) { bestD = d; best = k; }
+  });
+  traced = best;
+  await Promise.all(cells().filter(o => o.trace).map(o => loadTrace(o.trace)));
+  show(+range.value);
+}
+function drawTrace(cell, f, i) {  // the traced point's whole path (faint), its path so far, and where it is now
+  const data = traced >= 0 && cell.trace ? traces.get(cell.trace) : null;
+  if (!data || !data.points[0][traced]) { f.trace.innerHTML = ''; return; }
+  const path = data.points.map(frame => frame[traced]), line = pts => pts.map(([x, y]) => `${x},${y}`).join(' ');
+  const [x, y] = path[Math.min(i, path.length - 1)];
+  f.trace.setAttribute('viewBox', `0 0 ${data.size} ${data.size}`);
+  f.trace.innerHTML = `<polyline points="${line(path)}" fill="none" stroke="white" stroke-opacity=".35" stroke-width="1.5"/>` +
+    `<polyline points="${line(path.slice(0, i + 1))}" fill="none" stroke="white" stroke-width="2"/>` +
+    `<circle cx="${x}" cy="${y}" r="6" fill="none" stroke="white" stroke-width="2"/>`;
+}
 function fmt(x, d) { return Number.isFinite(x) ? x.toFixed(d) : String(x); }
 
 function build() {  // one figure per cell; rebuilt only when the number of cells or the view's shape changes
@@ -145,16 +183,18 @@ function build() {  // one figure per cell; rebuilt only when the number of cell
   const n = cells().length;
   cellsBox.style.gridTemplateColumns = `repeat(${n > 1 ? Math.min(n, n === 4 ? 2 : 4) : 1}, minmax(0, 1fr))`;
   cellsBox.style.setProperty('--vp-size', n > 1 ? '260px' : '400px');
-  figures = cells().map(() => {
+  figures = cells().map((_, c) => {
     const fig = document.createElement('figure'); fig.className = 'vp-cell';
     const imgs = document.createElement('div'); imgs.className = 'vp-imgs';
     const list = kinds.map(kind => { const im = document.createElement('img'); im.alt = kind; return im; });
     const stack = document.createElement('span'); stack.className = 'vp-stack';
     const over = document.createElement('img'); over.className = 'vp-overlay'; over.alt = 'word map'; over.hidden = true;
-    stack.append(list[0], over); imgs.appendChild(stack); list.slice(1).forEach(im => imgs.appendChild(im));
+    const trace = document.createElementNS('http://www.w3.org/2000/svg', 'svg'); trace.classList.add('vp-trace');
+    stack.append(list[0], over, trace); imgs.appendChild(stack);
+    list[0].addEventListener('click', event => pick(c, event)); list.slice(1).forEach(im => imgs.appendChild(im));
     const cap = document.createElement('figcaption');
     fig.append(imgs, cap); cellsBox.appendChild(fig);
-    return { imgs: list, kinds, cap, over };
+    return { imgs: list, kinds, cap, over, trace };
   });
 }
 
@@ -176,10 +216,11 @@ function show(p) {  // put position p on screen: frames, captions, label, plot m
     f.over.hidden = !mapUrl;
     if (mapUrl && f.over.getAttribute('src') !== mapUrl) f.over.src = mapUrl;
     f.over.style.opacity = $('.vp-opacity').value;
+    drawTrace(cell, f, i);
     const s = (cell.steps || [])[Math.min(i, (cell.steps || []).length - 1)];
     const pending = shownStep < i ? ` · step ${i + 1} still computing` : '';
     f.cap.textContent = all.length > 1 ? cell.label + ' · ' +
-      (s ? `step ${shownStep + 1}/${cell.total} · t=${fmt(s.t, 0)} · sigma=${fmt(s.sigma, 2)}` : '') + pending
+      (s ? `${stepName(cell, shownStep)} · t=${fmt(s.t, 0)} · sigma=${fmt(s.sigma, 2)}` : '') + pending
       : shownStep < 0 ? 'not decoded yet' : pending.replace(' · ', '');
   });
   const first = all[0];
@@ -187,7 +228,7 @@ function show(p) {  // put position p on screen: frames, captions, label, plot m
     const i = indexFor(first, p), s = (first.steps || [])[i];
     label.textContent = all.length > 1
       ? `${Math.round(p / positions() * 100)}% through each schedule (position ${p} of ${positions()})`
-      : s ? `Step ${s.index} of ${first.total} · timestep t = ${fmt(s.t, 0)} · sigma = ${fmt(s.sigma, 3)} · noise ${Math.round(s.share * 100)}%` +
+      : s ? (s.index === 0 ? 'Start: the initial noise, before step 1' : `Step ${s.index} of ${first.total - (first.start ? 1 : 0)}`) + ` · timestep t = ${fmt(s.t, 0)} · sigma = ${fmt(s.sigma, 3)} · noise ${Math.round(s.share * 100)}%` +
             (s.evals > 1 ? ` · ${s.evals} model evaluations` : '') : `Step ${i + 1} of ${first.total} · computing…`;
   } else label.textContent = 'No run yet: press Generate.';
   markers(p); numbers(p); change(p); wordsMarker(p);
@@ -225,6 +266,9 @@ function wordsMarker(p) {
   if (line && first) { const x = scale(indexFor(first, p) + 1, 1, Math.max(first.total, 2), X0, X1); line.setAttribute('x1', x); line.setAttribute('x2', x); }
 }
 
+function stepX(cell, i) {  // the schedule plot's x for a cell's step index i
+  return cell.start ? scale(i, 0, Math.max(cell.total - 1, 1), X0, X1) : scale(i + 1, 1, Math.max(cell.total, 2), X0, X1);
+}
 function scale(v, lo, hi, a, b) { return hi === lo ? (a + b) / 2 : a + (v - lo) / (hi - lo) * (b - a); }
 const X0 = 48, X1 = 600, Y0 = 200, Y1 = 16;
 function axes(svg, xlabel, ylabel, y2label) {
@@ -267,8 +311,8 @@ function plots() {  // drawn once per update; `markers` moves only the slider's 
   let s2 = axes(sched, 'step', 'sigma (log scale)', 'noise share');
   if (first && first.steps.length) {
     const sig = first.steps.map(s => Math.log10(Math.max(s.sigma, 1e-3)));
-    const lo = Math.min(...sig), hi = Math.max(...sig), n = first.total;
-    const xs = first.steps.map(s => scale(s.index, 1, Math.max(n, 2), X0, X1));
+    const lo = Math.min(...sig), hi = Math.max(...sig);
+    const xs = first.steps.map((s, i) => stepX(first, i));
     s2 += `<polyline points="${xs.map((x, i) => `${x},${scale(sig[i], lo, hi, Y0, Y1)}`).join(' ')}" fill="none" stroke="#2e86ab" stroke-width="2"/>`;
     s2 += `<polyline points="${xs.map((x, i) => `${x},${scale(first.steps[i].share, 0, 1, Y0, Y1)}`).join(' ')}" fill="none" stroke="#f18f01" stroke-width="2" stroke-dasharray="4 3"/>`;
     s2 += `<text x="${X0 - 4}" y="${Y1 + 4}" font-size="11" text-anchor="end" fill="currentColor">${fmt(10 ** hi, 2)}</text>` +
@@ -285,14 +329,14 @@ function markers(p) {
     m.setAttribute('cy', scale(cell.curve[i], 0, 1, Y0, Y1));
   });
   const line = $('.vp-mark-line'), first = cells()[0];
-  if (line && first) { const x = scale(indexFor(first, p) + 1, 1, Math.max(first.total, 2), X0, X1); line.setAttribute('x1', x); line.setAttribute('x2', x); }
+  if (line && first) { const x = stepX(first, indexFor(first, p)); line.setAttribute('x1', x); line.setAttribute('x2', x); }
 }
 function numbers(p) {
   const rows = cells().map(cell => {
     const s = (cell.steps || [])[indexFor(cell, p)];
     if (!s) return '';
     const snr = s.sigma > 0 ? 1 / (s.sigma * s.sigma) : Infinity;
-    return `<tr><td>${cell.label}</td><td>${s.index} / ${cell.total}</td><td>${fmt(s.t, 1)}</td><td>${fmt(s.sigma, 4)}</td>` +
+    return `<tr><td>${cell.label}</td><td>${s.index === 0 ? 'start' : `${s.index} / ${cell.total - (cell.start ? 1 : 0)}`}</td><td>${fmt(s.t, 1)}</td><td>${fmt(s.sigma, 4)}</td>` +
       `<td>${snr === Infinity ? '∞' : snr.toPrecision(4)}</td><td>${(s.share * 100).toFixed(1)}%</td><td>${s.evals}</td></tr>`;
   }).join('');
   $('.vp-numbers').innerHTML = '<tr><th>run</th><th>step</th><th>t</th><th>sigma</th><th>SNR</th><th>noise share</th><th>evaluations</th></tr>' + rows;
@@ -362,7 +406,15 @@ function sync() {  // new props from the server: more frames, a new run, or a fi
   $('.vp-bar-fill').style.width = `${Math.round((props.live ? props.progress || 0 : 1) * 100)}%`;
   $('.vp-bar').style.visibility = props.live ? 'visible' : 'hidden';
   status.textContent = props.status || '';
+  element.querySelectorAll('.vp-tabs button:not(.vp-words-tab)').forEach(b => {
+    b.hidden = !!props.tabs && !props.tabs.includes(b.dataset.tab);
+  });
+  const on = $('.vp-tabs button.on');
+  if (on && on.hidden) $('.vp-tabs button:not([hidden])').click();
   plots(); words();
+  if (traced >= 0) {  // a new run from the same starting points: keep tracing the same point
+    Promise.all(cells().filter(c => c.trace).map(c => loadTrace(c.trace))).then(() => show(+range.value));
+  }
   if (follow) {
     const n = available(), first = cells()[0];
     show(props.live && first ? Math.max(1, Math.ceil(n / Math.max(1, first.total) * positions())) : positions());

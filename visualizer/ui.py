@@ -10,11 +10,12 @@ from __future__ import annotations
 import gradio as gr
 import numpy as np
 
-from . import insight, player
+from . import insight, player, toy
 from .models import ALIASES, EMBEDDED
 from .run import DEFAULTS, MAX_STEPS
 from .samplers import sampler_names
 from .ui_handlers import EXAMPLE_SAMPLERS, App, AppConfig, steps_table
+from .ui_toy import MAX_SAMPLERS, Playground
 
 MODEL_CONCURRENCY = "model"
 EXAMPLES = ["a large red circle in the centre", "a small blue square on the left of a white background",
@@ -32,6 +33,11 @@ PROSE = {
     "img2img": "Empty: start from pure noise. With an image: it is encoded by the VAE, noised to the point "
                "`1 - strength` of the way through the schedule, and only the remaining steps run (img2img). "
                "Low strength keeps the image; 1.0 keeps little of it.",
+    "toy": "The same diffusion in two dimensions, where you can see all of it. Each dot is one sample; the model "
+           "(a small MLP trained on the pattern) is run by the same samplers and loop as the image models. Arrows: "
+           "where the model sends a point at the current noise level (a third of the way to its x0-hat). Dots are "
+           "coloured by where they end. Click a dot to trace its path; ask for a cluster of the shapes pattern and "
+           "guidance (uncond + scale × (cond − uncond), as for images) bends every path toward it.",
     "compare": "2 to 8 samplers on the same prompt, seed and initial noise, in one batch. The slider moves every "
                "cell to the same point of its own schedule.",
 }
@@ -70,6 +76,7 @@ def _player(props: dict, elem_id: str) -> gr.HTML:
 
 def build(config: AppConfig) -> gr.Blocks:
     app = App(config)
+    playground = Playground(config.output_dir)
     ttl = max(2, config.cache_ttl)
     example_single, example_grid = app.example or (None, None)
     example_run = app.store.get(example_single)[0] if example_single else None
@@ -147,6 +154,31 @@ def build(config: AppConfig) -> gr.Blocks:
                     c_file = gr.File(label="File", elem_id="c-download-file")
             c_run_id = gr.State(example_grid)
 
+        with gr.Tab("2D playground"):
+            with gr.Row(elem_classes="player-first"):
+                with gr.Column(scale=3, min_width=320):
+                    t_play = _player(playground.props(toy.sample([toy.ToySettings()])), "t-player")
+                with gr.Column(scale=2, min_width=300):
+                    t_pattern = gr.Radio(list(toy.PATTERNS), value=toy.TOY_DEFAULTS["pattern"], label="Pattern",
+                                         elem_id="t-pattern")
+                    t_button = gr.Button("Run", variant="primary", elem_id="t-run")
+                    t_samplers = gr.CheckboxGroup(sampler_names(), value=[toy.TOY_DEFAULTS["sampler"]],
+                                                  label=f"Samplers (1 to {MAX_SAMPLERS}, same starting points)",
+                                                  elem_id="t-samplers")
+                    t_steps = gr.Slider(1, toy.MAX_TOY_STEPS, value=toy.TOY_DEFAULTS["num_inference_steps"], step=1,
+                                        label="Steps", elem_id="t-steps")
+                    with gr.Row():
+                        t_label = gr.Dropdown(["any"], value="any", label="Ask for a cluster", elem_id="t-label",
+                                              info="shapes pattern only")
+                        t_guidance = gr.Slider(0, 10, value=toy.TOY_DEFAULTS["guidance_scale"], step=0.5,
+                                               label="Guidance toward it", elem_id="t-guidance")
+                    with gr.Row():
+                        t_seed = gr.Number(value=toy.TOY_DEFAULTS["seed"], precision=0, minimum=0, label="Seed",
+                                           elem_id="t-seed")
+                        t_points = gr.Slider(64, toy.MAX_POINTS, value=toy.TOY_DEFAULTS["points"], step=64,
+                                             label="Points", elem_id="t-points")
+                    gr.Markdown(PROSE["toy"], elem_classes="explain")
+
         with gr.Group(visible=False):  # API-only: endpoints gradio_client users call by name
             status = gr.Markdown(elem_id="status")
             c_status = gr.Markdown(elem_id="c-status")
@@ -162,7 +194,8 @@ def build(config: AppConfig) -> gr.Blocks:
             frame_button, grid_button, insight_button = gr.Button(), gr.Button(), gr.Button()
 
         # ---- wiring -------------------------------------------------------------------------
-        model_event = dict(concurrency_id=MODEL_CONCURRENCY, concurrency_limit=1, show_progress="hidden")
+        model_event = dict(concurrency_id=MODEL_CONCURRENCY, concurrency_limit=config.concurrent_runs,
+                           show_progress="hidden")
         run_button.click(
             app.generate, [prompt, negative, seed, steps, guidance, sampler, width, height, model, init_image, strength,
                            attention],
@@ -183,6 +216,10 @@ def build(config: AppConfig) -> gr.Blocks:
         for fmt, button in c_buttons.items():
             button.click(lambda rid, fmt=fmt: app.download_grid(rid, fmt), c_run_id, c_file,
                          api_name=f"download_grid_{fmt}")
+        t_pattern.change(lambda p: gr.Dropdown(choices=["any", *toy.PATTERNS[p][1]], value="any"), t_pattern, t_label,
+                         api_visibility="private")
+        t_button.click(playground.run, [t_pattern, t_samplers, t_steps, t_seed, t_label, t_guidance, t_points], t_play,
+                       api_name="toy", show_progress="hidden")
         frame_button.click(app.show_step, [run_id, api_step, api_view], [api_frame, api_label], api_name="frame")
         grid_button.click(app.show_grid, [c_run_id, api_progress, api_view], api_grid, api_name="grid_frame")
         insight_button.click(app.insight, [run_id, api_step],
