@@ -406,7 +406,8 @@ def test_the_2d_playground_moves_the_points_traces_a_click_and_guides_to_a_clust
     toy.move(1)
     first_frames = toy.srcs()
     assert (_pixels(server, first_frames[0]) == _pixels(server, first_frames[1])).mean() > 0.95  # same start
-    assert page.locator("#t-player .vp-trace circle").count() == 2  # the traced point, in both cells
+    # the traced point, in both cells (their traces are fetched after the new run arrives)
+    page.wait_for_function("document.querySelectorAll('#t-player .vp-trace circle').length === 2")
 
     page.locator("#t-pattern").get_by_label("shapes").check()  # ask for a cluster: guidance bends the paths
     page.locator("#t-label input").click()
