@@ -420,3 +420,24 @@ def test_the_2d_playground_moves_the_points_traces_a_click_and_guides_to_a_clust
     assert all("x0" in src for src in toy.srcs())
     shot(page, "toy-shapes-1280")
     page.close()
+
+
+def test_image_space_map_follows_the_slider_and_maps_several_seeds(server, browser):
+    page = open_page(browser, server)
+    player = Player(page)
+    generate(page, prompt="a cat", steps=6)
+    player.wait_status("Done: 6 steps")
+    player.view("map")  # offered once the run is done: its path through image space, step by step
+    end = player.srcs()[0]
+    player.move(2)
+    assert "-map-" in end and "-map-" in player.srcs()[0] and player.srcs()[0] != end
+    page.get_by_role("tab", name="Image space").click()
+    box = page.locator("#map-seeds input[type=number]")
+    box.fill("3")
+    box.press("Enter")
+    page.locator("#map-button").click()
+    page.wait_for_function("document.querySelector('#map-summary')?.innerText.includes('Seeds 0–2')", timeout=60000)
+    page.wait_for_function("document.querySelector('#map-image img')?.naturalWidth >= 360")
+    page.locator("#map-image").scroll_into_view_if_needed()
+    shot(page, "image-space-1280")
+    page.close()

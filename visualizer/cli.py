@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", help="default Euler; see `samplers`")
     _add_generation_options(p)
     _add_format_flags(p)
+    p.add_argument("--map", action="store_true", help="write map.png: the run's path through image space (2D map)")
+    p.add_argument("--map-seeds", type=int, default=1, metavar="K",
+                   help="with --map: the paths of K seeds from --seed on (latents only for the extra ones)")
     p = sub.add_parser("compare", help="several samplers, same seed and noise, side by side")
     p.add_argument("--samplers", required=True, help='comma-separated, e.g. "Euler,DDIM,DPM++ 2M"')
     _add_generation_options(p)
@@ -164,9 +167,30 @@ def cmd_run(args) -> None:
 
         written.update({f"attention {k}": v for k, v in export_token(result, args.out, args.attention_token,
                                                                      fps=args.fps).items()})
+    if args.map:
+        written["map"] = write_map(result, args.map_seeds, args.out / "map.png")
     structure = result.info.structure_step
     print(f"{len(result)} steps -> {args.out}/ (run.json, frames/, final.png, convergence.png, schedule.png"
           f"{''.join(', ' + p.name for p in written.values())}); structure appears at step {structure}")
+
+
+def write_map(run, seeds: int, path: Path) -> Path:
+    """map.png: `run` and the same settings from the next `seeds - 1` seeds on the image-space map; prints where
+    each ended."""
+    import dataclasses
+
+    from PIL import Image
+
+    from . import api, image_map
+
+    if not 1 <= seeds <= 64:
+        raise SettingsError(f"--map-seeds must be from 1 to 64, got {seeds}.")
+    runs = [run] + [api.run(dataclasses.replace(run.settings, seed=run.settings.seed + k), frames=())
+                    for k in range(1, seeds)]
+    picture, summary = image_map.seeds_map(runs)
+    Image.fromarray(picture).save(path)
+    print(summary)
+    return path
 
 
 def write_plots(runs: list, folder: Path, schedule: bool = False) -> None:

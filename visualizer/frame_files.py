@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from .run import Run, Step
-from . import attention
+from . import attention, image_map
 from .insight import change_image
 from .views import latent_tiles
 
@@ -106,10 +106,17 @@ class RunFiles:
         for index, frame in enumerate(frames):
             self._write(cell, kind, index, frame)
 
+    def add_maps(self, runs: list[Run]) -> None:
+        """The "map" view: each finished run's path through image space, step by step (image_map.py)."""
+        for cell, frames in enumerate(image_map.step_frames(runs)):
+            if frames is not None:
+                self.add_view(cell, "map", frames)
+
     @classmethod
     def of_runs(cls, folder: Path, runs: list[Run]) -> "RunFiles":
         """Files for runs that are already finished (a loaded example, a re-decoded run)."""
         files = cls(folder, [r.settings.sampler for r in runs], [len(r) for r in runs])
         for cell, run in enumerate(runs):
             files.add_run(cell, run)
+        files.add_maps(runs)
         return files

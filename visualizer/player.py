@@ -386,8 +386,8 @@ if (props.panel && window.IntersectionObserver) {  // scrolled or switched into 
 
 function sync() {  // new props from the server: more frames, a new run, or a finished one
   if (props.run !== runId) { runId = props.run; follow = true; settled = 0; stop(); }
-  // every view is offered from the start (frames fill in as they are decoded); forward noising once it exists
-  const views = (props.views || []).filter(([k]) => k !== 'forward' || cells().some(c => c.frames && c.frames.forward));
+  // every view is offered from the start (frames fill in as they are decoded); forward noising and the map once they exist
+  const views = (props.views || []).filter(([k]) => !['forward', 'map'].includes(k) || cells().some(c => c.frames && c.frames[k]));
   const wanted = views.map(v => v[0]).join(',');
   if (viewSel.dataset.kinds !== wanted) {
     const keep = viewSel.value;

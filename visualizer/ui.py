@@ -14,7 +14,7 @@ from . import insight, player, toy
 from .models import ALIASES, EMBEDDED
 from .run import DEFAULTS, MAX_STEPS
 from .samplers import sampler_names
-from .ui_handlers import EXAMPLE_SAMPLERS, App, AppConfig, steps_table
+from .ui_handlers import EXAMPLE_SAMPLERS, MAX_MAP_SEEDS, App, AppConfig, steps_table
 from .ui_toy import MAX_SAMPLERS, Playground
 
 MODEL_CONCURRENCY = "model"
@@ -38,6 +38,12 @@ PROSE = {
            "where the model sends a point at the current noise level (a third of the way to its x0-hat). Dots are "
            "coloured by where they end. Click a dot to trace its path; ask for a cluster of the shapes pattern and "
            "guidance (uncond + scale × (cond − uncond), as for images) bends every path toward it.",
+    "map": "Every image is a point in latent space (16×16×4 numbers for the embedded model). The map is a fixed 2D "
+           "projection of it (PCA of the model's training scenes, drawn as faint dots in clusters: for this model the "
+           "background separates images most). Each path starts at its noise (a square), follows x_t (line) and "
+           "x0-hat (dots) and ends in a cluster (ring). With an empty prompt the seeds end in different clusters; "
+           "a prompt that names a background brings them all to it. The player's View menu shows one run's path "
+           "following the slider. Other models: the projection is fitted on the runs themselves.",
     "compare": "2 to 8 samplers on the same prompt, seed and initial noise, in one batch. The slider moves every "
                "cell to the same point of its own schedule.",
 }
@@ -127,6 +133,15 @@ def build(config: AppConfig) -> gr.Blocks:
                                           sources=["upload"], height=200)
                         noise_button = gr.Button("Noise it", elem_id="noise-it")
                     forward_status = gr.Markdown(elem_id="forward-status")
+                with gr.Tab("Image space"):
+                    gr.Markdown(PROSE["map"], elem_classes="explain")
+                    with gr.Row():
+                        map_seeds = gr.Slider(2, MAX_MAP_SEEDS, value=8, step=1, label="Seeds", elem_id="map-seeds")
+                        map_button = gr.Button("Map these seeds", elem_id="map-button")
+                    with gr.Row():
+                        map_image = gr.Image(label="Paths through image space", format="png", interactive=False,
+                                             height=360, buttons=[], elem_id="map-image")
+                        map_summary = gr.Markdown(elem_id="map-summary")
                 with gr.Tab("Pipeline"):
                     stages = gr.Markdown(insight.pipeline_stages(example_run) if example_run else "",
                                          elem_id="stages")
@@ -207,6 +222,8 @@ def build(config: AppConfig) -> gr.Blocks:
                     trigger_mode="always_last")
         noise_button.click(app.noise_image, [run_id, upload], [play, forward_status], api_name="noise_image",
                            **model_event)
+        map_button.click(app.map_seeds, [prompt, negative, seed, steps, guidance, sampler, model, map_seeds],
+                         [map_image, map_summary], api_name="map_seeds", **model_event)
         for fmt, button in buttons.items():
             button.click(lambda rid, v, fmt=fmt: app.download(rid, fmt, v), [run_id, dl_view], file_out,
                          api_name=f"download_{fmt}")

@@ -10,14 +10,14 @@ import logging
 import shutil
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 import numpy as np
 
-from . import api, insight, views
+from . import api, image_map, insight, views
 from .api import DecodeUpdate, StepUpdate
 from .demo_model import scenes
 from .errors import SettingsError, VisualizerError, user_message
@@ -33,6 +33,7 @@ log = logging.getLogger("visualizer")
 # the browser shares the cores with the model (measured: 0.1 s made a 25-step run 2x slower than 0.25 s)
 UPDATE_INTERVAL = 0.25
 EXAMPLE_DIR = Path(__file__).resolve().parent.parent / "assets" / "example"
+MAX_MAP_SEEDS = 16  # seeds one image-space map draws at once
 EXAMPLE_SAMPLERS = ["Euler", "DDIM", "DPM++ 2M", "Euler a"]  # the example's order; the single player shows the first
 
 
@@ -190,6 +191,7 @@ class App:
             raise UserError("Stopped before the first step finished: nothing to show.")
         for cell, run in enumerate(runs):
             files.add_run(cell, run)
+        files.add_maps(runs)
         self.store.add(runs, run_id=run_id)
         self._files = {k: v for k, v in self._files.items() if k in self.store}
         self._files[run_id] = files
@@ -222,6 +224,24 @@ class App:
             final = run.final_image if run.final_image is not None else run.frames["x0"][-1]
             yield (gr.update(**props), final, run_id, steps_table(run), props["status"], notice,
                    None, None, None, None, None, insight.pipeline_stages(run))  # guidance: filled by .then
+
+    def map_seeds(self, prompt, negative_prompt, seed, steps, guidance, sampler, model, count):
+        """The Generate form's run from `count` seeds in a row (latents only, no frames), their paths on one map of
+        image space, and which cluster each ended nearest."""
+        count = int(count or 0)
+        if not 2 <= count <= MAX_MAP_SEEDS:
+            raise UserError(f"Map 2 to {MAX_MAP_SEEDS} seeds.")
+        first = self.settings(prompt, negative_prompt, seed, steps, guidance, sampler, None, None, model)
+        runs = []
+        try:
+            for k in range(count):
+                for item in self.config.engine.stream(replace(first, seed=first.seed + k), frames=()):
+                    result = item
+                runs.append(result)
+        except Exception as error:
+            raise _user_error(error) from error
+        picture, summary = image_map.seeds_map(runs)
+        return upscale(picture, 360), f"Seeds {first.seed}–{first.seed + count - 1}. {summary}"
 
     def stop(self, request: gr.Request = None):
         """Ask this browser session's running generation to stop after the current step."""

@@ -18,6 +18,7 @@ VIEWS = {  # UI label -> key
     "latent channels": "latents",
     "noise prediction": "noise",
     "forward noising q(x_t | x_0) of an image": "forward",
+    "image space: the run's path on a 2D map of latents": "map",
 }
 
 
@@ -41,6 +42,12 @@ def frame(run, index: int, view: str = "xt") -> np.ndarray:
         if "forward" not in run.frames:
             raise ValueError("No forward-noised image yet: open the Forward noising tab and press Noise it.")
         return np.asarray(upscale(run.frames["forward"][index], MIN_SIZE))
+    if view == "map":
+        from . import image_map
+
+        if not image_map.mappable(run):
+            raise ValueError("This run was saved without its latents: it has no path to map.")
+        return image_map.step_frames([run])[0][index]
     if view == "latents":
         image = latent_tiles(run.tensors["xt"][index])
     elif view == "noise":
