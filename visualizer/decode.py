@@ -2,7 +2,8 @@
 
 - `vae_decode`: the exact frame, through the model's own VAE (batched, fp32).
 - `latent_preview`: a cheap linear latent -> RGB approximation, for live previews only.
-- `load_taesd`: the tiny TAESD decoder when its weights are on this machine (previews, labelled so).
+- `load_taesd`: the tiny TAESD (TAESDXL for SDXL) decoder when its weights are on this machine (previews,
+  labelled so).
 - `StreamingDecoder`: exact frames of every step, decoded in batches while the run goes.
 - `CheapPreview`: a labelled TAESD or latent-colour preview, for when no exact frame exists yet.
 """
@@ -18,12 +19,17 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from .families import family_of
+
 # rows = the 4 latent channels, columns = R, G, B; output in [-1, 1] (ComfyUI latent_formats.py)
 SD15_LATENT_RGB = [[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350],
                    [-0.2829, 0.1762, 0.2721], [-0.2120, -0.2616, -0.7177]]
 SDXL_LATENT_RGB = [[0.3651, 0.4232, 0.4341], [-0.2533, -0.0042, 0.1068],
                    [0.1076, 0.1111, -0.0362], [-0.3165, -0.2492, -0.2188]]
 SDXL_LATENT_RGB_BIAS = [0.1084, -0.0175, -0.0011]
+LATENT_RGB = {"sd": (SD15_LATENT_RGB, [0.0, 0.0, 0.0]), "sdxl": (SDXL_LATENT_RGB, SDXL_LATENT_RGB_BIAS)}  # by family
+# by family: the environment variable naming a TAESD folder or hub id, and its default
+TAESD = {"sd": ("VISUALIZER_TAESD", "madebyollin/taesd"), "sdxl": ("VISUALIZER_TAESDXL", "madebyollin/taesdxl")}
 LATENT_RGB_FILE = "latent_rgb.json"  # optional, in a model folder: {"factors": 4x3, "bias": 3}
 # On a CPU, batching VAE decodes pays up to about this many output pixels per batch; beyond it a batch is
 # slower per frame than one frame at a time (measured: SD 1.5 VAE at 256x256, 2.5 s per frame alone,
@@ -64,14 +70,16 @@ def vae_decode(vae, latents: torch.Tensor, batch_size: int | None = None) -> np.
     return np.concatenate(frames) if frames else np.zeros((0, 0, 0, 3), np.uint8)
 
 
-def latent_rgb_factors(model_folder: str | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The model's own latent -> RGB fit if its folder has one, else Stable Diffusion 1.x/2.x factors."""
+def latent_rgb_factors(pipe) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's own latent -> RGB fit if its folder has one, else its family's factors."""
+    model_folder = pipe.config.get("_name_or_path")
     if model_folder:
         path = Path(model_folder) / LATENT_RGB_FILE
         if path.exists():
             fit = json.loads(path.read_text())
             return torch.tensor(fit["factors"]), torch.tensor(fit["bias"])
-    return torch.tensor(SD15_LATENT_RGB), torch.zeros(3)
+    factors, bias = LATENT_RGB[family_of(pipe).key]
+    return torch.tensor(factors), torch.tensor(bias)
 
 
 def latent_preview(latents: torch.Tensor, factors: torch.Tensor, bias: torch.Tensor, size: int | None = None) -> np.ndarray:
@@ -91,12 +99,13 @@ def fit_latent_rgb(latents: torch.Tensor, images: torch.Tensor) -> dict:
     return {"factors": solution[:-1].tolist(), "bias": solution[-1].tolist()}
 
 
-def load_taesd(device: torch.device):
-    """AutoencoderTiny from $VISUALIZER_TAESD (a folder or hub id; default "madebyollin/taesd"): from the local
-    Hub cache, or downloaded once when the Hub is reachable and HF_HUB_OFFLINE is not set; None if absent."""
+def load_taesd(device: torch.device, family: str = "sd"):
+    """AutoencoderTiny for `family`'s latents from its TAESD variable (a folder or hub id; defaults: TAESD): from
+    the local Hub cache, or downloaded once when the Hub is reachable and HF_HUB_OFFLINE is not set; None if absent."""
     from diffusers import AutoencoderTiny
 
-    source = os.environ.get("VISUALIZER_TAESD", "madebyollin/taesd")
+    variable, default = TAESD[family]
+    source = os.environ.get(variable, default)
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
     try:
         return AutoencoderTiny.from_pretrained(source, local_files_only=offline).to(device).eval()
@@ -205,15 +214,15 @@ EXACT = "exact VAE decode"
 _TAESD: dict = {}
 
 
-def _taesd(device):
-    """TAESD on `device`, loaded once per process (None where its weights are absent)."""
-    if device not in _TAESD:
-        _TAESD[device] = load_taesd(device)
-    return _TAESD[device]
+def _taesd(device, family: str):
+    """`family`'s TAESD on `device`, loaded once per process (None where its weights are absent)."""
+    if (device, family) not in _TAESD:
+        _TAESD[device, family] = load_taesd(device, family)
+    return _TAESD[device, family]
 
 
 class CheapPreview:
-    """A labelled preview of latents that costs little: TAESD for SD models where its weights are on this
+    """A labelled preview of latents that costs little: TAESD (TAESDXL for SDXL) where its weights are on this
     machine, else the linear latent -> RGB fit. Not an exact frame: callers show its label."""
 
     def __init__(self, pipe, use_taesd: bool = True):
@@ -222,12 +231,12 @@ class CheapPreview:
 
     def __call__(self, latents: torch.Tensor, step: int) -> Preview:
         if self._decode is None:
-            taesd = _taesd(self.pipe.unet.device) if self.use_taesd else None
+            taesd = _taesd(self.pipe.unet.device, family_of(self.pipe).key) if self.use_taesd else None
             if taesd is not None:
                 scaling = self.pipe.vae.config.scaling_factor
                 self._decode = lambda x: (taesd_decode(taesd, x, scaling)[0], "TAESD preview")
             else:
-                factors = latent_rgb_factors(self.pipe.config.get("_name_or_path"))
+                factors = latent_rgb_factors(self.pipe)
                 self._decode = lambda x: (latent_preview(x, *factors)[0], "approximate preview (latent colours)")
         image, label = self._decode(latents)
         return Preview(image, step, label)

@@ -2,8 +2,9 @@
 
 diffusers' step callback never sees x0-hat or the noise predictions, so this module runs the loop
 itself (encode prompt, draw noise, scale_model_input, UNet, CFG, scheduler.step), exactly as
-`StableDiffusionPipeline.__call__` does, and records per step: the latents after the step, x0-hat,
-the guided noise prediction and its conditional / unconditional parts.
+`StableDiffusionPipeline.__call__` (or the family's own pipeline: families.py adapts the prompt encoding and
+the UNet's conditioning inputs) does, and records per step: the latents after the step, x0-hat, the guided
+noise prediction and its conditional / unconditional parts.
 
 Several samplers run in lockstep: each round stacks every active sampler's next model input into
 ONE batched UNet call with per-sample timesteps, then steps each sampler's own scheduler.
@@ -34,6 +35,7 @@ from PIL import Image
 
 from .attention import AttentionRecorder, combine, token_span
 from .errors import NonFiniteError, SettingsError
+from .families import family_of
 from .models import load_pipeline, resolve
 from .run import Img2ImgInfo, Run, RunInfo, Settings, Step
 from .samplers import make_scheduler, x0_clip_range
@@ -244,6 +246,7 @@ def denoise_steps(settings_list: list[Settings], pipe=None,
     first = settings_list[0]
     model_source = first.model if pipe is not None else resolve(first.model).source
     pipe = pipe or load_pipeline(first.model)
+    family = family_of(pipe)
     unet, device = pipe.unet, pipe.unet.device
     scale_factor = pipe.vae_scale_factor
     height = first.height or unet.config.sample_size * scale_factor
@@ -254,7 +257,8 @@ def denoise_steps(settings_list: list[Settings], pipe=None,
     with torch.inference_mode():
         distilled_guidance = unet.config.time_cond_proj_dim is not None  # LCM: guidance is an input, not CFG
         any_cfg = any(s.guidance_scale > 1 and not distilled_guidance for s in settings_list)
-        positive, negative = pipe.encode_prompt(first.prompt, device, 1, any_cfg, first.negative_prompt or None)
+        conditioning = family.encode_prompt(pipe, first.prompt, first.negative_prompt, any_cfg, (height, width))
+        dtype = conditioning.prompt_embeds.dtype
         posterior = None if first.init_image is None else _encode_image(pipe, first.init_image, height, width)
         loops = []
         for s in settings_list:
@@ -264,11 +268,11 @@ def denoise_steps(settings_list: list[Settings], pipe=None,
             shape = (1, unet.config.in_channels, height // scale_factor, width // scale_factor)
             skipped = 0
             if posterior is None:
-                noise = randn_tensor(shape, generator=generator, device=device, dtype=positive.dtype)
+                noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
                 latents = noise * scheduler.init_noise_sigma
             else:  # the order of draws (posterior sample, then noise) is diffusers' img2img order
-                init_latents = posterior.sample(generator).to(positive.dtype) * pipe.vae.config.scaling_factor
-                noise = randn_tensor(shape, generator=generator, device=device, dtype=positive.dtype)
+                init_latents = posterior.sample(generator).to(dtype) * pipe.vae.config.scaling_factor
+                noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
                 skipped = s.num_inference_steps - s.steps_to_run
                 start = skipped * scheduler.order
                 if hasattr(scheduler, "set_begin_index"):
@@ -284,16 +288,17 @@ def denoise_steps(settings_list: list[Settings], pipe=None,
         while not all(loop.done for loop in loops):  # the model runs in inference mode, never across a yield:
             if should_stop is not None and should_stop():  # grad mode is per thread, and a generator may be
                 break  # resumed on another thread
-            yield from _round(pipe, loops, positive, negative, recorder)
+            yield from _round(pipe, family, loops, conditioning, recorder)
     finally:
         if recorder is not None:
             recorder.__exit__()
     common = dict(
-        model_source=model_source, device=str(device), dtype=str(positive.dtype).replace("torch.", ""),
-        text_embedding_shape=list(positive.shape), latent_shape=list(initial_noise.shape),
+        model_source=model_source, device=str(device), dtype=str(dtype).replace("torch.", ""),
+        text_embedding_shape=list(conditioning.prompt_embeds.shape), latent_shape=list(initial_noise.shape),
         vae_scale_factor=scale_factor, image_size=[height, width],
         vae_scaling_factor=float(pipe.vae.config.scaling_factor),
-        seconds=round(time.perf_counter() - started, 3), lockstep_batch=len(loops), **_prompt_info(pipe, first.prompt))
+        seconds=round(time.perf_counter() - started, 3), lockstep_batch=len(loops), **_prompt_info(pipe, first.prompt),
+        **conditioning.facts)
     runs = [_to_run(loop, initial_noise, common) for loop in loops]
     if posterior is not None:
         init_latents = posterior.mean.float().cpu() * pipe.vae.config.scaling_factor
@@ -309,12 +314,12 @@ def _encode_image(pipe, image: np.ndarray, height: int, width: int):
 
 
 @torch.inference_mode()
-def _round(pipe, loops, positive, negative, recorder: AttentionRecorder | None = None) -> list[StepEvent]:
+def _round(pipe, family, loops, conditioning, recorder: AttentionRecorder | None = None) -> list[StepEvent]:
     """One batched UNet call for every active sampler, then each sampler's own step; the steps completed.
     With a recorder, the conditional rows of each sampler's first evaluation of a step are recorded."""
     unet = pipe.unet
     active = [i for i, loop in enumerate(loops) if not loop.done]
-    inputs, times, embeds, conds = [], [], [], []
+    inputs, times, rows, conds = [], [], [], []
     for i in active:
         loop = loops[i]
         x_in, t = loop.model_input()
@@ -323,13 +328,13 @@ def _round(pipe, loops, positive, negative, recorder: AttentionRecorder | None =
             recorder.rows.append((i, len(inputs) + copies - 1))  # the conditional row: after the negative one
         inputs += [x_in] * copies
         times += [t.float().reshape(1)] * copies
-        embeds += [negative, positive] if loop.do_cfg else [positive]
+        rows += [False, True] if loop.do_cfg else [True]  # the negative branch first, as diffusers batches CFG
         if unet.config.time_cond_proj_dim is not None:
             w = torch.tensor([loop.settings.guidance_scale - 1.0])
             cond = pipe.get_guidance_scale_embedding(w, embedding_dim=unet.config.time_cond_proj_dim)
             conds += [cond.to(device=x_in.device, dtype=x_in.dtype)] * copies
-    output = unet(torch.cat(inputs), torch.cat(times), encoder_hidden_states=torch.cat(embeds),
-                  timestep_cond=torch.cat(conds) if conds else None, return_dict=False)[0]
+    output = unet(torch.cat(inputs), torch.cat(times), timestep_cond=torch.cat(conds) if conds else None,
+                  return_dict=False, **family.unet_kwargs(conditioning, rows))[0]
     maps = recorder.collect(tuple(inputs[0].shape[-2:])) if recorder is not None else {}
     events, offset = [], 0
     for i in active:

@@ -202,15 +202,35 @@ def pipeline_stages(run) -> str:
                  f"{run.settings.num_inference_steps} begins (strength {m.strength}); the first "
                  f"{m.skipped_steps} steps are skipped")
     return "\n".join([
-        f"1. **Tokenizer**: {i.tokens} tokens of at most {i.token_limit}{truncated}: `{shown}`",
-        f"2. **Text encoder**: embedding of shape {i.text_embedding_shape} "
-        f"({'with an unconditional twin for CFG' if cfg else 'no CFG'})",
+        f"1. **{'Tokenizers' if i.family == 'sdxl' else 'Tokenizer'}**: {i.tokens} tokens of at most "
+        f"{i.token_limit}{truncated}: `{shown}`",
+        _text_encoders(run, cfg),
         start,
         f"4. **UNet**: {i.unet_evaluations} evaluations for {len(run)} steps, batch of {2 if cfg else 1} per "
         f"evaluation{', in lockstep with other samplers' if i.lockstep_batch > 1 else ''}",
         f"5. **Scheduler**: {i.scheduler} ({settings}){notes}",
         f"6. **VAE**: latents / {i.vae_scaling_factor:.4f}, upsampled x{i.vae_scale_factor} to a {w}x{h} image",
     ])
+
+
+def _text_encoders(run, cfg: bool) -> str:
+    """The text-encoder stage of pipeline_stages, for the run's model family."""
+    i = run.info
+    if i.family != "sdxl":
+        return (f"2. **Text encoder**: embedding of shape {i.text_embedding_shape} "
+                f"({'with an unconditional twin for CFG' if cfg else 'no CFG'})")
+    twin, source = "no CFG", "negative" if run.settings.negative_prompt else "empty"
+    if cfg and i.zero_negative:
+        twin = ("with an all-zero unconditional twin for CFG: no negative prompt, and the model's "
+                "force_zeros_for_empty_prompt is on")
+    elif cfg:
+        twin = f"with an unconditional twin for CFG, from the {source} prompt"
+    size = ", ".join(f"{v:g}" for v in i.time_ids or [])
+    return (f"2. **Text encoders** (SDXL): text_encoder and text_encoder_2 each encode the prompt; their "
+            f"penultimate hidden states are concatenated per token into an embedding of shape "
+            f"{i.text_embedding_shape} ({twin}). text_encoder_2's **pooled embedding**, shape "
+            f"{i.pooled_embedding_shape}, and the size conditioning time_ids = ({size}) (original height, width; "
+            "crop top, left; target height, width) enter the UNet beside the timestep (added_cond_kwargs)")
 
 
 def attach_metrics(run) -> None:

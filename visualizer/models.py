@@ -1,7 +1,10 @@
 """Resolve a model reference (embedded / alias / local folder / hub id), load it once, cache it.
 
-Device is picked cuda > mps > cpu; GPUs run fp16 with the VAE kept in fp32 (fp16 VAE decodes can
-give NaN frames); the CPU runs fp32.
+The family (families.py) comes from model_index.json's pipeline class, read before loading, so a model of
+a family this version cannot run is refused with a message naming it.
+
+Device is picked cuda > mps > cpu; GPUs run fp16 with the VAE kept in fp32 (fp16 VAE decodes can give NaN
+frames, and SDXL's VAE asks for it: force_upcast); the CPU runs fp32.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .errors import ModelLoadError
+from .families import BY_KEY, BY_PIPELINE, StableDiffusion
 
 EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo-model"
 EMBEDDED = "embedded"
@@ -22,15 +26,18 @@ ALIASES = {
     "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
     "sd21": "stabilityai/stable-diffusion-2-1-base",
     "sd-turbo": "stabilityai/sd-turbo",
+    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
+    "sdxl-turbo": "stabilityai/sdxl-turbo",
 }
-# model_index.json's pipeline class -> the family a person knows; only SUPPORTED ones load in this version
+# model_index.json's pipeline class -> the family a person knows; those in families.BY_PIPELINE load
 FAMILIES = {
-    "StableDiffusionPipeline": "Stable Diffusion 1.x / 2.x", "StableDiffusionImg2ImgPipeline": "Stable Diffusion 1.x / 2.x",
-    "StableDiffusionXLPipeline": "Stable Diffusion XL", "StableDiffusionXLImg2ImgPipeline": "Stable Diffusion XL",
+    **{pipeline: family.name for pipeline, family in BY_PIPELINE.items()},
+    "StableDiffusionXLImg2ImgPipeline": "Stable Diffusion XL refiner / img2img",
     "StableDiffusion3Pipeline": "Stable Diffusion 3.x", "FluxPipeline": "Flux.1",
     "PixArtAlphaPipeline": "PixArt-alpha", "KandinskyV22Pipeline": "Kandinsky 2.2",
 }
-SUPPORTED = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
+SUPPORTED_TEXT = " and ".join(family.name for family in BY_KEY.values())
+INDEX = "model_index.json"  # a diffusers model's table of contents: its pipeline class and parts
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 _CACHE_SIZE = 2
 
@@ -54,7 +61,7 @@ def resolve(reference: str | None) -> ModelRef:
     """Turn what a person typed into a folder or hub id, or raise ModelLoadError saying why not."""
     name = (reference or EMBEDDED).strip()
     if name in ("", EMBEDDED):
-        if not (EMBEDDED_MODEL_DIR / "model_index.json").exists():
+        if not (EMBEDDED_MODEL_DIR / INDEX).exists():
             raise ModelLoadError(f"The embedded model is missing from {EMBEDDED_MODEL_DIR}. "
                                  "Reinstall the project or train it: python -m visualizer.demo_model.train")
         return ModelRef(EMBEDDED, str(EMBEDDED_MODEL_DIR), True)
@@ -62,10 +69,10 @@ def resolve(reference: str | None) -> ModelRef:
         return ModelRef(name, ALIASES[name], False)
     path = Path(name).expanduser()
     if path.is_dir():
-        if not (path / "model_index.json").exists():
+        if not (path / INDEX).exists():
             raise ModelLoadError(f"{name} is a folder but not a diffusers model (no model_index.json). "
                                  "Point to a folder saved with save_pretrained.")
-        _check_family(name, path / "model_index.json")
+        _check_family(name, _pipeline_class(name, path / INDEX))
         return ModelRef(name, str(path.resolve()), True)
     if _HUB_ID.match(name) and not name.startswith((".", "/", "~")):
         return ModelRef(name, name, False)
@@ -73,16 +80,24 @@ def resolve(reference: str | None) -> ModelRef:
                          f"nor an alias ({', '.join([EMBEDDED, *ALIASES])}).")
 
 
-def _check_family(name: str, index: Path) -> None:
-    """Raise ModelLoadError naming the family when a folder holds a pipeline this version cannot run."""
+def _pipeline_class(name: str, index: Path) -> str:
+    """The pipeline class a model folder's model_index.json names ("" if none)."""
     try:
-        pipeline = json.loads(index.read_text()).get("_class_name", "")
+        return json.loads(index.read_text()).get("_class_name", "")
     except (OSError, ValueError, AttributeError):
         raise ModelLoadError(f"{name}: its model_index.json is not readable JSON.") from None
-    if pipeline and pipeline not in SUPPORTED:
+
+
+def _check_family(name: str, pipeline: str) -> StableDiffusion:
+    """The family adapter of a model whose model_index.json names `pipeline` (none named: SD 1.x / 2.x, as
+    always); raise ModelLoadError naming the family when this version cannot run it."""
+    if not pipeline:
+        return BY_KEY["sd"]
+    if pipeline not in BY_PIPELINE:
         family = FAMILIES.get(pipeline, "another")
-        raise ModelLoadError(f"{name} is a {family} model ({pipeline}); this version runs Stable Diffusion "
-                             "1.x / 2.x models only (SDXL, SD 3 and Flux are planned).")
+        raise ModelLoadError(f"{name} is a {family} model ({pipeline}); this version runs {SUPPORTED_TEXT} "
+                             "models only (SD 3 and Flux are planned).")
+    return BY_PIPELINE[pipeline]
 
 
 class _PipelineCache:
@@ -108,25 +123,29 @@ class _PipelineCache:
 
 
 def _load(ref: ModelRef, device: torch.device, dtype: torch.dtype):
-    from diffusers import StableDiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub import hf_hub_download
 
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # hides the safety-checker notice: this tool shows raw frames
+    family = None
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            ref.source, dtype=dtype, safety_checker=None, requires_safety_checker=False,
-            local_files_only=ref.is_local,
-        )
+        index = Path(ref.source, INDEX) if ref.is_local else Path(hf_hub_download(ref.source, INDEX))
+        family = _check_family(ref.name, _pipeline_class(ref.name, index))  # before fetching any weights
+        pipe = family.pipeline_class().from_pretrained(
+            ref.source, dtype=dtype, local_files_only=ref.is_local, **family.load_kwargs)
+    except ModelLoadError:
+        raise
     except Exception as error:  # hub / disk / format errors all reach the person as one message
         where = "folder" if ref.is_local else "Hugging Face Hub id"
-        hint = ("Check that it is a Stable Diffusion 1.x/2.x model in diffusers format."
+        hint = (f"Check that it is a {family.name if family else SUPPORTED_TEXT} model in diffusers format."
                 if ref.is_local else
                 "Check the id and your network; offline, download it once elsewhere and pass its local folder.")
         raise ModelLoadError(f"Could not load {ref.name!r} ({where} {ref.source}): "
                              f"{type(error).__name__}: {str(error).splitlines()[0][:200]}. {hint}") from error
     finally:
         diffusers_logging.set_verbosity(verbosity)
+    family.check(pipe)
     if pipe.vae.dtype != torch.float32:
         pipe.vae.to(torch.float32)
     pipe.set_progress_bar_config(disable=True)
@@ -137,5 +156,5 @@ _CACHE = _PipelineCache(_CACHE_SIZE)
 
 
 def load_pipeline(reference: str | None = None, device: torch.device | None = None):
-    """The StableDiffusionPipeline for `reference`, loaded once and cached."""
+    """The diffusers pipeline for `reference` (its family's class), loaded once and cached."""
     return _CACHE.get(resolve(reference), device or pick_device())

@@ -194,6 +194,10 @@ class RunInfo:
     structure_step: int | None = None  # where structure appears (insight.structure_step)
     attention: dict | None = None  # with Settings.attention: {"tokens": the prompt's tokens, one per map,
     # "resolutions": the UNet resolutions of the per-resolution maps}
+    family: str = "sd"  # the model family (families.py): sd (1.x / 2.x; every bundle written before SDXL) or sdxl
+    pooled_embedding_shape: list[int] | None = None  # SDXL: the second text encoder's pooled embedding
+    time_ids: list[float] | None = None  # SDXL size conditioning: original h, w, crop top, left, target h, w
+    zero_negative: bool = False  # SDXL force_zeros_for_empty_prompt: no negative prompt -> an all-zero uncond branch
 
     @property
     def truncated(self) -> bool:

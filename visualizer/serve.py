@@ -74,8 +74,7 @@ class Engine:
         """api.stream's items ready to send: tensors on the CPU, and each item's frames only those not sent before
         (the final runs without frames the front already holds)."""
         stopped = board.stopped.remote(key)
-        cheap = LatentColours(api.on_engine(lambda: latent_rgb_factors(load_pipeline(settings.model).config.get(
-            "_name_or_path"))))
+        cheap = LatentColours(api.on_engine(lambda: latent_rgb_factors(load_pipeline(settings.model))))
         items = api.stream(settings, samplers, should_stop=lambda: bool(ray.wait([stopped], timeout=0)[0]),
                            frames=frames)
         sent: dict[tuple[int, str, int], object] = {}

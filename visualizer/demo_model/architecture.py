@@ -1,15 +1,17 @@
 """Configs and builders for small Stable-Diffusion-shaped models (the embedded model and test models).
 
 The parts are diffusers' and transformers' own classes, so a folder saved from them loads with
-`StableDiffusionPipeline.from_pretrained` like any real checkpoint.
+`StableDiffusionPipeline.from_pretrained` (`StableDiffusionXLPipeline` for the SDXL-shaped test model) like any
+real checkpoint.
 """
 from __future__ import annotations
 
 import string
 from pathlib import Path
 
-from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from diffusers import (AutoencoderKL, EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline,
+                       StableDiffusionXLPipeline, UNet2DConditionModel)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
@@ -42,13 +44,17 @@ def write_tokenizer(folder: Path, words: list[str], max_length: int) -> CLIPToke
     return tokenizer
 
 
-def text_encoder(vocab_size: int, max_length: int, hidden: int, layers: int) -> CLIPTextModel:
+def text_encoder(vocab_size: int, max_length: int, hidden: int, layers: int,
+                 projection_dim: int | None = None) -> CLIPTextModel:
+    """A CLIP text encoder; with `projection_dim`, one that also outputs a projected pooled embedding (SDXL's
+    second encoder)."""
     config = CLIPTextConfig(
         vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2,
         num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=max_length,
         bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
+        projection_dim=projection_dim or hidden,
     )
-    return CLIPTextModel(config)
+    return CLIPTextModelWithProjection(config) if projection_dim else CLIPTextModel(config)
 
 
 def vae(channels: tuple[int, ...], sample_size: int) -> AutoencoderKL:
@@ -97,5 +103,37 @@ def tiny_pipeline(folder: Path, seed: int = 0, prediction_type: str = "epsilon")
     encoder = text_encoder(len(tokenizer.get_vocab()), 16, hidden=32, layers=1)
     pipe = assemble(unet((32, 64), 8, cross_attention_dim=32), vae((16, 32, 32), 32), encoder, tokenizer,
                     prediction_type)
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def tiny_sdxl_pipeline(folder: Path, seed: int = 0) -> Path:
+    """Save a tiny random-weight SDXL pipeline (32x32 images, 8x8 latents) to `folder`; for tests.
+
+    SDXL's layout at toy scale: two CLIP text encoders (the second with a projected pooled embedding) whose
+    hidden states are concatenated for cross-attention, a UNet with the "text_time" added conditioning, and
+    SDXL's Euler scheduler config."""
+    import torch
+
+    torch.manual_seed(seed)
+    words = ["a", "red", "blue", "circle", "square", "on", "the", "left", "right", "of", "background"]
+    tokenizers = [write_tokenizer(folder / name, words, max_length=16) for name in ("tokenizer", "tokenizer_2")]
+    vocab = len(tokenizers[0].get_vocab())
+    encoder, encoder_2 = text_encoder(vocab, 16, hidden=32, layers=2), text_encoder(vocab, 16, 32, 2, projection_dim=24)
+    time_embed_dim = 8  # per time id: 6 ids (original size, crop top-left, target size)
+    unet_model = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2), use_linear_projection=True,
+        cross_attention_dim=32 + 32, norm_num_groups=16, addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim, projection_class_embeddings_input_dim=6 * time_embed_dim + 24,
+    )
+    scheduler = EulerDiscreteScheduler(**SD_BETAS, steps_offset=1, timestep_spacing="leading")
+    scheduler.register_to_config(clip_sample=False, set_alpha_to_one=False, skip_prk_steps=True)  # as SDXL's config
+    pipe = StableDiffusionXLPipeline(
+        vae=vae((16, 32, 32), 32), text_encoder=encoder, text_encoder_2=encoder_2, tokenizer=tokenizers[0],
+        tokenizer_2=tokenizers[1], unet=unet_model, scheduler=scheduler, force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
     pipe.save_pretrained(folder)
     return folder

@@ -1,0 +1,172 @@
+"""The SDXL family (families.py) through the shared loop, against diffusers' own StableDiffusionXLPipeline."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+from visualizer import api
+from visualizer.decode import SDXL_LATENT_RGB, SDXL_LATENT_RGB_BIAS, CheapPreview, latent_rgb_factors, vae_decode
+from visualizer.denoise import generate, generate_many
+from visualizer.insight import pipeline_stages
+from visualizer.models import ALIASES, ModelLoadError, load_pipeline, resolve
+from visualizer.run import Run, RunInfo, Settings
+from visualizer.samplers import SAMPLERS
+
+from test_img2img import init_image
+
+PROMPT = "a red circle on the left"
+SEED = 11
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+    """(folder, pipeline) of a tiny random SDXL model saved with save_pretrained and loaded like a real one."""
+    from visualizer.demo_model.architecture import tiny_sdxl_pipeline
+
+    folder = str(tiny_sdxl_pipeline(tmp_path_factory.mktemp("tiny-sdxl")))
+    return folder, load_pipeline(folder)
+
+
+def settings(folder, sampler="Euler", steps=6, **kw):
+    kw.setdefault("guidance_scale", 7.5)
+    kw.setdefault("prompt", PROMPT)
+    return Settings(model=folder, sampler=sampler, num_inference_steps=steps, seed=SEED, **kw)
+
+
+def reference(pipe, sampler, cls=StableDiffusionXLPipeline, force_zeros=None):
+    """diffusers' own pipeline on `pipe`'s modules, its scheduler swapped the documented way."""
+    force_zeros = pipe.config.force_zeros_for_empty_prompt if force_zeros is None else force_zeros
+    out = cls(**pipe.components, force_zeros_for_empty_prompt=force_zeros, add_watermarker=False)
+    scheduler_cls, overrides = SAMPLERS[sampler]
+    out.scheduler = scheduler_cls.from_config(pipe.scheduler.config, **overrides)
+    out.set_progress_bar_config(disable=True)
+    return out
+
+
+def diffusers_image(pipe, sampler, steps=6, prompt=PROMPT, negative=None, force_zeros=None, **kw):
+    out = reference(pipe, sampler, force_zeros=force_zeros)(
+        prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=7.5,
+        generator=torch.Generator().manual_seed(SEED), height=32, width=32, output_type="np", **kw)
+    return out.images[0]
+
+
+def final_image(pipe, run) -> np.ndarray:
+    return vae_decode(pipe.vae, run.tensors["latents"][-1:])[0].astype(np.float32) / 255
+
+
+@pytest.mark.parametrize("sampler", ["Euler", "Euler a", "DDIM", "DPM++ 2M", "DPM++ 2M Karras", "Heun", "UniPC",
+                                     "PNDM", "LMS", "DPM2"])
+def test_final_image_matches_diffusers_sdxl_pipeline(sdxl, sampler):
+    folder, pipe = sdxl
+    run = generate(settings(folder, sampler), pipe)
+    assert run.info.family == "sdxl" and len(run) == 6
+    assert np.abs(final_image(pipe, run) - diffusers_image(pipe, sampler)).max() <= 2 / 255
+
+
+@pytest.mark.parametrize("prompt, negative, force_zeros", [
+    ("", "", True),  # empty prompt, no negative: the unconditional branch is all zeros
+    (PROMPT, "blue square", True),  # a negative prompt is encoded whatever force_zeros says
+    (PROMPT, "", False),  # without force_zeros the empty negative prompt is encoded
+])
+def test_negative_branch_follows_force_zeros_for_empty_prompt_like_diffusers(sdxl, prompt, negative, force_zeros):
+    folder, pipe = sdxl
+    model = reference(pipe, "Euler", force_zeros=force_zeros)  # a pipeline with this config, run by our loop
+    run = generate(settings(folder, prompt=prompt, negative_prompt=negative), model)
+    assert run.info.zero_negative == (force_zeros and not negative)
+    theirs = diffusers_image(pipe, "Euler", prompt=prompt, negative=negative or None, force_zeros=force_zeros)
+    assert np.abs(final_image(pipe, run) - theirs).max() <= 2 / 255
+    stages = pipeline_stages(run)
+    assert ("all-zero unconditional twin" in stages) == run.info.zero_negative
+    assert run.info.zero_negative or f"from the {'negative' if negative else 'empty'} prompt" in stages
+
+
+def test_lockstep_batch_equals_each_sampler_alone(sdxl):
+    folder, pipe = sdxl
+    names = ["Euler", "DPM++ 2M"]
+    together = generate_many([settings(folder, n) for n in names], pipe)
+    assert together[0].info.lockstep_batch == 2
+    for name, run in zip(names, together):
+        alone = generate(settings(folder, name), pipe)
+        assert torch.allclose(run.tensors["latents"], alone.tensors["latents"], rtol=1e-4, atol=1e-4), name
+
+
+@pytest.mark.parametrize("sampler", ["Euler", "DDIM"])
+def test_img2img_matches_diffusers_sdxl_img2img_pipeline(sdxl, sampler):
+    folder, pipe = sdxl
+    run = generate(settings(folder, sampler, steps=10, strength=0.6, init_image=init_image()), pipe)
+    assert len(run) == 6 and run.info.img2img.skipped_steps == 4
+    theirs = reference(pipe, sampler, StableDiffusionXLImg2ImgPipeline)(
+        PROMPT, image=init_image(), strength=0.6, num_inference_steps=10, guidance_scale=7.5,
+        generator=torch.Generator().manual_seed(SEED), output_type="np").images[0]
+    assert np.abs(final_image(pipe, run) - theirs).max() <= 2 / 255
+
+
+def test_api_run_end_to_end_saves_and_loads(sdxl, tmp_path):
+    folder, pipe = sdxl
+    run = api.run(settings(folder, "Euler", steps=4, attention=True))
+    assert len(run.frames["xt"]) == len(run.frames["x0"]) == 4 and run.final_image.shape == (32, 32, 3)
+    assert (run.final_image == run.frames["xt"][-1]).all() and run.info.metrics
+    assert run.tensors["attention"].shape[:2] == (4, len(run.info.attention["tokens"]))
+    assert run.info.pooled_embedding_shape == [1, 24] and run.info.time_ids == [32, 32, 0, 0, 32, 32]
+    stages = pipeline_stages(run)
+    assert "text_encoder_2" in stages and "pooled embedding" in stages and "[1, 16, 64]" in stages
+    loaded = Run.load(run.save(tmp_path / "run"))
+    assert loaded.info == run.info and (loaded.final_image == run.final_image).all()
+    assert len(loaded.frames["x0"]) == 4
+
+
+def test_bundles_written_before_sdxl_load_as_sd():
+    info = RunInfo.from_dict({"model_source": "x", "scheduler": "EulerDiscreteScheduler"})
+    assert info.family == "sd" and info.pooled_embedding_shape is None and not info.zero_negative
+
+
+def test_sdxl_previews_use_sdxl_latent_colours(sdxl):
+    _, pipe = sdxl
+    factors, bias = latent_rgb_factors(pipe)
+    assert torch.equal(factors, torch.tensor(SDXL_LATENT_RGB)) and torch.equal(bias, torch.tensor(SDXL_LATENT_RGB_BIAS))
+    preview = CheapPreview(pipe, use_taesd=False)(torch.zeros(1, 4, 8, 8), step=1)
+    assert not preview.exact and "preview" in preview.label
+    expected = np.round((np.array(SDXL_LATENT_RGB_BIAS) / 2 + 0.5) * 255)
+    assert (preview.image[0, 0] == expected).all()
+
+
+def test_taesdxl_is_looked_up_separately(sdxl, tmp_path, monkeypatch):
+    from diffusers import AutoencoderTiny
+
+    from visualizer.decode import load_taesd
+
+    AutoencoderTiny(encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8)
+                    ).save_pretrained(tmp_path / "taesdxl")
+    monkeypatch.setenv("VISUALIZER_TAESD", str(tmp_path / "missing"))
+    monkeypatch.setenv("VISUALIZER_TAESDXL", str(tmp_path / "taesdxl"))
+    assert load_taesd(torch.device("cpu")) is None and load_taesd(torch.device("cpu"), "sdxl") is not None
+
+
+def test_sdxl_aliases_and_folders_resolve(sdxl, tmp_path):
+    assert resolve("sdxl").source == ALIASES["sdxl"] == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert resolve("sdxl-turbo").source == "stabilityai/sdxl-turbo" and not resolve("sdxl-turbo").is_local
+    folder, pipe = sdxl
+    assert resolve(folder).is_local and load_pipeline(folder) is pipe
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLImg2ImgPipeline"}))
+    with pytest.raises(ModelLoadError, match="is a Stable Diffusion XL refiner / img2img model"):
+        resolve(str(tmp_path))
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda f: _edit_json(f / "vae" / "config.json", latents_mean=[0.0] * 4, latents_std=[1.0] * 4), "latents_mean"),
+    (lambda f: _edit_json(f / "model_index.json", text_encoder=[None, None], tokenizer=[None, None]),
+     "no first text encoder"),
+])
+def test_sdxl_layouts_this_version_cannot_run_are_refused_plainly(sdxl, tmp_path, edit, words):
+    import shutil
+
+    folder = shutil.copytree(sdxl[0], tmp_path / "model")
+    edit(folder)
+    with pytest.raises(ModelLoadError, match=words):
+        load_pipeline(str(folder))
+
+
+def _edit_json(path, **changes):
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))

@@ -1,0 +1,115 @@
+"""Model families as small adapters under the one shared denoising loop (denoise.py).
+
+A family says how a pipeline of its kind is loaded, how the prompt becomes the denoiser's conditioning,
+and what extra inputs the batched UNet call needs; the loop, capture, lockstep batching, img2img and
+decoding stay shared.
+
+- `StableDiffusion` (1.x / 2.x): one CLIP text encoder; its last hidden states condition the UNet.
+- `StableDiffusionXL`: two text encoders whose penultimate hidden states are concatenated per token, plus
+  the second encoder's pooled embedding and the size micro-conditioning `time_ids` (original size, crop
+  top-left, target size; Podell et al. 2023, section 2.2), given to the UNet as `added_cond_kwargs`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import ModelLoadError
+
+
+@dataclass
+class Conditioning:
+    """The prompt's denoiser inputs for one image, per branch, by name (each with batch size 1)."""
+    positive: dict[str, torch.Tensor]  # the prompt branch: "prompt_embeds" [1, tokens, dim] and any extras
+    negative: dict[str, torch.Tensor] | None  # the negative / unconditional branch of CFG; None without CFG
+    facts: dict = field(default_factory=dict)  # RunInfo fields this family reports (see run.RunInfo)
+
+    @property
+    def prompt_embeds(self) -> torch.Tensor:
+        return self.positive["prompt_embeds"]
+
+    def stack(self, name: str, rows: list[bool]) -> torch.Tensor:
+        """Input `name` for a batch whose rows are prompt (True) or negative (False) branches."""
+        return torch.cat([self.positive[name] if row else self.negative[name] for row in rows])
+
+
+class StableDiffusion:
+    """Stable Diffusion 1.x / 2.x (`StableDiffusionPipeline`)."""
+    key = "sd"  # RunInfo.family
+    name = "Stable Diffusion 1.x / 2.x"
+    pipelines = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")  # model_index.json classes it loads
+    load_kwargs = dict(safety_checker=None, requires_safety_checker=False)  # this tool shows raw frames
+
+    def pipeline_class(self):
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline
+
+    def check(self, pipe) -> None:
+        """Raise ModelLoadError if a loaded pipeline of this family cannot run here."""
+
+    def encode_prompt(self, pipe, prompt: str, negative_prompt: str, do_cfg: bool,
+                      size: tuple[int, int]) -> Conditioning:
+        """Conditioning of `prompt` (and, with CFG, of `negative_prompt`; "" = the empty prompt) for a
+        `size` = (height, width) image, exactly as the family's diffusers pipeline computes it."""
+        positive, negative = pipe.encode_prompt(prompt, pipe.unet.device, 1, do_cfg, negative_prompt or None)
+        return Conditioning({"prompt_embeds": positive}, {"prompt_embeds": negative} if do_cfg else None,
+                            {"family": self.key})
+
+    def unet_kwargs(self, conditioning: Conditioning, rows: list[bool]) -> dict:
+        """The UNet's conditioning keywords for a batch of prompt (True) / negative (False) rows."""
+        return {"encoder_hidden_states": conditioning.stack("prompt_embeds", rows)}
+
+
+class StableDiffusionXL(StableDiffusion):
+    """Stable Diffusion XL base and its distillations (`StableDiffusionXLPipeline`: SDXL 1.0, SDXL-Turbo)."""
+    key = "sdxl"
+    name = "Stable Diffusion XL"
+    pipelines = ("StableDiffusionXLPipeline",)
+    load_kwargs = dict(add_watermarker=False)  # the watermark would alter the frames this tool shows
+
+    def pipeline_class(self):
+        from diffusers import StableDiffusionXLPipeline
+
+        return StableDiffusionXLPipeline
+
+    def check(self, pipe) -> None:
+        if pipe.text_encoder is None or pipe.tokenizer is None:
+            raise ModelLoadError("This SDXL model has no first text encoder (the SDXL refiner's layout); "
+                                 "only SDXL base-style models with both text encoders run here.")
+        if getattr(pipe.vae.config, "latents_mean", None) is not None:
+            raise ModelLoadError("This SDXL model's VAE normalises latents by a per-channel mean and std "
+                                 "(latents_mean / latents_std, as Playground v2.5 does); that is not supported yet.")
+
+    def encode_prompt(self, pipe, prompt: str, negative_prompt: str, do_cfg: bool,
+                      size: tuple[int, int]) -> Conditioning:
+        device = pipe.unet.device
+        embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
+            prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=do_cfg,
+            negative_prompt=negative_prompt or None)
+        # micro-conditioning as StableDiffusionXLPipeline's defaults: original = target = the image size, no crop
+        time_ids = torch.tensor([[*size, 0, 0, *size]], dtype=embeds.dtype, device=device)
+        zero_negative = do_cfg and not negative_prompt and bool(pipe.config.force_zeros_for_empty_prompt)
+        facts = {"family": self.key, "pooled_embedding_shape": list(pooled.shape),
+                 "time_ids": [float(v) for v in time_ids[0]], "zero_negative": zero_negative}
+        positive = {"prompt_embeds": embeds, "text_embeds": pooled, "time_ids": time_ids}
+        negative = {"prompt_embeds": negative, "text_embeds": negative_pooled, "time_ids": time_ids} if do_cfg else None
+        return Conditioning(positive, negative, facts)
+
+    def unet_kwargs(self, conditioning: Conditioning, rows: list[bool]) -> dict:
+        added = {name: conditioning.stack(name, rows) for name in ("text_embeds", "time_ids")}
+        return {**super().unet_kwargs(conditioning, rows), "added_cond_kwargs": added}
+
+
+BY_KEY = {family.key: family for family in (StableDiffusion(), StableDiffusionXL())}
+BY_PIPELINE = {pipeline: family for family in BY_KEY.values() for pipeline in family.pipelines}
+
+
+def family_of(pipe) -> StableDiffusion:
+    """The family adapter of a loaded pipeline, by its class."""
+    name = type(pipe).__name__
+    if name not in BY_PIPELINE:
+        raise ModelLoadError(f"{name} is not a pipeline this version runs "
+                             f"({', '.join(f.name for f in BY_KEY.values())}).")
+    return BY_PIPELINE[name]
