@@ -115,28 +115,51 @@ def _frame(image_map: ImageMap, paths: Sequence[Path2D]):
     return centre - half, centre + half
 
 
-def render(image_map: ImageMap, paths: Sequence[Path2D], position: int | None = None) -> np.ndarray:
-    """The map with its clusters and each path up to `position` (0 = the initial noise; None = the whole path):
-    x_t as a thin line from a square (the initial noise), x0-hat as dots, a ring where x0-hat is now.
-    uint8 [SIZE, SIZE, 3]."""
+@dataclass
+class Canvas:
+    """A map's view box and its background (the reference points and cluster names), drawn once."""
+    lo: np.ndarray
+    hi: np.ndarray
+    base: Image.Image
+
+    def to_px(self, xy: np.ndarray) -> np.ndarray:
+        return np.stack([(xy[:, 0] - self.lo[0]) / (self.hi[0] - self.lo[0]) * SIZE,
+                         (self.hi[1] - xy[:, 1]) / (self.hi[1] - self.lo[1]) * SIZE], 1)
+
+
+def canvas(image_map: ImageMap, paths: Sequence[Path2D]) -> Canvas:
+    """The background every picture of these paths on this map shares."""
     lo, hi = _frame(image_map, paths)
-    to_px = lambda xy: np.stack([(xy[:, 0] - lo[0]) / (hi[0] - lo[0]) * SIZE,  # noqa: E731
-                                 (hi[1] - xy[:, 1]) / (hi[1] - lo[1]) * SIZE], 1)
-    image = Image.new("RGB", (SIZE, SIZE), (20, 20, 24))
-    draw = ImageDraw.Draw(image)
-    for (x, y), k in zip(to_px(image_map.points), image_map.labels):
-        draw.rectangle((x, y, x + 1, y + 1), fill=tuple(int(c * 0.6) for c in GROUP_COLORS[k % len(GROUP_COLORS)]))
-    font = ImageFont.load_default(size=12)
+    out = Canvas(lo, hi, Image.new("RGB", (SIZE, SIZE), (20, 20, 24)))
+    pixels = np.array(out.base)
+    xy = out.to_px(image_map.points).astype(int)
+    inside = (xy >= 0).all(1) & (xy < SIZE - 1).all(1)
+    colors = (np.array(GROUP_COLORS)[image_map.labels % len(GROUP_COLORS)] * 0.6).astype(np.uint8)
+    for dx in (0, 1):
+        for dy in (0, 1):
+            pixels[xy[inside, 1] + dy, xy[inside, 0] + dx] = colors[inside]
+    out.base = Image.fromarray(pixels)
+    draw, font = ImageDraw.Draw(out.base), ImageFont.load_default(size=12)
     for k, name in enumerate(image_map.groups):
         mine = image_map.points[image_map.labels == k]
         if len(mine):
-            x, y = to_px(np.median(mine, 0, keepdims=True))[0]
-            x = float(np.clip(x, 55, SIZE - 55))
+            x = float(np.clip(out.to_px(np.median(mine, 0, keepdims=True))[0, 0], 55, SIZE - 55))
             draw.text((x, 14 + 14 * (k % 2)), name, fill=GROUP_COLORS[k % len(GROUP_COLORS)], font=font, anchor="mm")
+    return out
+
+
+def render(image_map: ImageMap, paths: Sequence[Path2D], position: int | None = None,
+           background: Canvas | None = None) -> np.ndarray:
+    """The map with its clusters and each path up to `position` (0 = the initial noise; None = the whole path):
+    x_t as a thin line from a square (the initial noise), x0-hat as dots, a ring where x0-hat is now.
+    `background`: from canvas(), to draw many pictures on one. uint8 [SIZE, SIZE, 3]."""
+    background = background or canvas(image_map, paths)
+    image = background.base.copy()
+    draw = ImageDraw.Draw(image)
     for n, p in enumerate(paths):
         color = PATH_COLORS[n % len(PATH_COLORS)]
         upto = len(p.x0) if position is None else position
-        xt, x0 = to_px(p.xt[:upto + 1]), to_px(p.x0[:upto])
+        xt, x0 = background.to_px(p.xt[:upto + 1]), background.to_px(p.x0[:upto])
         if len(xt) > 1:
             draw.line([tuple(q) for q in xt], fill=color, width=1)
         for x, y in x0:
@@ -160,8 +183,9 @@ def step_frames(runs) -> list[list[np.ndarray] | None]:
     if not usable:
         return [None] * len(runs)
     image_map = for_runs(usable)
-    return [[render(image_map, [path(r, image_map)], position=k + 1) for k in range(len(r))] if mappable(r) else None
-            for r in runs]
+    paths = [path(r, image_map) if mappable(r) else None for r in runs]
+    shared = canvas(image_map, [p for p in paths if p is not None])
+    return [None if p is None else [render(image_map, [p], k + 1, shared) for k in range(len(p.x0))] for p in paths]
 
 
 def seeds_map(runs) -> tuple[np.ndarray, str]:
