@@ -1,9 +1,10 @@
 """Decoders: latents -> RGB frames.
 
-- `vae_decode`: the exact frame, through the model's own VAE (batched, fp32).
+- `vae_decode`: the exact frame, through the model's own VAE (batched, fp32); its config says how the latents
+  are scaled: decoded = decoder(latents / scaling_factor + shift_factor) (shift_factor: SD 3; 0 before).
 - `latent_preview`: a cheap linear latent -> RGB approximation, for live previews only.
-- `load_taesd`: the tiny TAESD (TAESDXL for SDXL) decoder when its weights are on this machine (previews,
-  labelled so).
+- `load_taesd`: the tiny TAESD (TAESDXL for SDXL, TAESD3 for SD 3) decoder when its weights are on this machine
+  (previews, labelled so).
 - `StreamingDecoder`: exact frames of every step, decoded in batches while the run goes.
 - `CheapPreview`: a labelled TAESD or latent-colour preview, for when no exact frame exists yet.
 """
@@ -27,10 +28,18 @@ SD15_LATENT_RGB = [[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350],
 SDXL_LATENT_RGB = [[0.3651, 0.4232, 0.4341], [-0.2533, -0.0042, 0.1068],
                    [0.1076, 0.1111, -0.0362], [-0.3165, -0.2492, -0.2188]]
 SDXL_LATENT_RGB_BIAS = [0.1084, -0.0175, -0.0011]
-LATENT_RGB = {"sd": (SD15_LATENT_RGB, [0.0, 0.0, 0.0]), "sdxl": (SDXL_LATENT_RGB, SDXL_LATENT_RGB_BIAS)}  # by family
+SD3_LATENT_RGB = [  # 16 latent channels
+    [-0.0922, -0.0175, 0.0749], [0.0311, 0.0633, 0.0954], [0.1994, 0.0927, 0.0458], [0.0856, 0.0339, 0.0902],
+    [0.0587, 0.0272, -0.0496], [-0.0006, 0.1104, 0.0309], [0.0978, 0.0306, 0.0427], [-0.0042, 0.1038, 0.1358],
+    [-0.0194, 0.0020, 0.0669], [-0.0488, 0.0130, -0.0268], [0.0922, 0.0988, 0.0951], [-0.0278, 0.0524, -0.0542],
+    [0.0332, 0.0456, 0.0895], [-0.0069, -0.0030, -0.0810], [-0.0596, -0.0465, -0.0293], [-0.1448, -0.1463, -0.1189]]
+SD3_LATENT_RGB_BIAS = [0.2394, 0.2135, 0.1925]
+LATENT_RGB = {"sd": (SD15_LATENT_RGB, [0.0, 0.0, 0.0]), "sdxl": (SDXL_LATENT_RGB, SDXL_LATENT_RGB_BIAS),
+              "sd3": (SD3_LATENT_RGB, SD3_LATENT_RGB_BIAS)}  # by family
 # by family: the environment variable naming a TAESD folder or hub id, and its default
-TAESD = {"sd": ("VISUALIZER_TAESD", "madebyollin/taesd"), "sdxl": ("VISUALIZER_TAESDXL", "madebyollin/taesdxl")}
-LATENT_RGB_FILE = "latent_rgb.json"  # optional, in a model folder: {"factors": 4x3, "bias": 3}
+TAESD = {"sd": ("VISUALIZER_TAESD", "madebyollin/taesd"), "sdxl": ("VISUALIZER_TAESDXL", "madebyollin/taesdxl"),
+         "sd3": ("VISUALIZER_TAESD3", "madebyollin/taesd3")}
+LATENT_RGB_FILE = "latent_rgb.json"  # optional, in a model folder: {"factors": channels x 3, "bias": 3}
 # On a CPU, batching VAE decodes pays up to about this many output pixels per batch; beyond it a batch is
 # slower per frame than one frame at a time (measured: SD 1.5 VAE at 256x256, 2.5 s per frame alone,
 # 2.8 s per frame in batches of 8). GPUs batch freely.
@@ -56,6 +65,21 @@ def decode_batch_size(vae, latents: torch.Tensor) -> int:
     return max(1, min(GPU_BATCH, CPU_BATCH_PIXELS // pixels))
 
 
+def shift_factor(vae) -> float:
+    """What the VAE's config adds to latents / scaling_factor before decoding (SD 3's VAE; none before: 0)."""
+    return float(vae.config.get("shift_factor") or 0.0)
+
+
+def to_vae_space(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Scaled latents (what the sampler sees) -> the VAE decoder's input."""
+    return latents / vae.config.scaling_factor + shift_factor(vae)
+
+
+def from_vae_space(vae, latents: torch.Tensor) -> torch.Tensor:
+    """The VAE encoder's latents -> scaled latents (the inverse of to_vae_space)."""
+    return (latents - shift_factor(vae)) * vae.config.scaling_factor
+
+
 @torch.inference_mode()
 def vae_decode(vae, latents: torch.Tensor, batch_size: int | None = None) -> np.ndarray:
     """Scaled latents [N, C, h, w] -> uint8 frames [N, H, W, 3], exactly as the pipeline decodes.
@@ -65,7 +89,7 @@ def vae_decode(vae, latents: torch.Tensor, batch_size: int | None = None) -> np.
     batch_size = batch_size or decode_batch_size(vae, latents)
     frames = []
     for chunk in latents.split(batch_size):
-        chunk = chunk.to(device=device, dtype=dtype) / vae.config.scaling_factor
+        chunk = to_vae_space(vae, chunk.to(device=device, dtype=dtype))
         frames.append(to_uint8(vae.decode(chunk, return_dict=False)[0]))
     return np.concatenate(frames) if frames else np.zeros((0, 0, 0, 3), np.uint8)
 
@@ -83,7 +107,7 @@ def latent_rgb_factors(pipe) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def latent_preview(latents: torch.Tensor, factors: torch.Tensor, bias: torch.Tensor, size: int | None = None) -> np.ndarray:
-    """Cheap preview: scaled latents [N, 4, h, w] -> uint8 [N, h, w, 3] (nearest-upscaled to `size`)."""
+    """Cheap preview: scaled latents [N, C, h, w] -> uint8 [N, h, w, 3] (nearest-upscaled to `size`)."""
     rgb = torch.einsum("nchw,cr->nrhw", latents.float().cpu(), factors) + bias[None, :, None, None]
     if size:
         rgb = torch.nn.functional.interpolate(rgb, size=(size, size), mode="nearest")
@@ -91,7 +115,7 @@ def latent_preview(latents: torch.Tensor, factors: torch.Tensor, bias: torch.Ten
 
 
 def fit_latent_rgb(latents: torch.Tensor, images: torch.Tensor) -> dict:
-    """Least-squares latent -> RGB factors from scaled latents [N, 4, h, w] and images [N, 3, h, w] in [-1, 1]."""
+    """Least-squares latent -> RGB factors from scaled latents [N, C, h, w] and images [N, 3, h, w] in [-1, 1]."""
     x = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])
     y = images.permute(0, 2, 3, 1).reshape(-1, 3)
     x1 = torch.cat([x, torch.ones(len(x), 1)], dim=1)
@@ -114,10 +138,10 @@ def load_taesd(device: torch.device, family: str = "sd"):
 
 
 @torch.inference_mode()
-def taesd_decode(taesd, latents: torch.Tensor, scaling_factor: float) -> np.ndarray:
-    """Scaled latents -> uint8 preview frames through TAESD."""
+def taesd_decode(taesd, latents: torch.Tensor, scaling_factor: float, shift_factor: float = 0.0) -> np.ndarray:
+    """Scaled latents -> uint8 preview frames through TAESD (unscaled as the model's VAE unscales them)."""
     device = next(taesd.parameters()).device
-    images = taesd.decode(latents.to(device, torch.float32) / scaling_factor).sample
+    images = taesd.decode(latents.to(device, torch.float32) / scaling_factor + shift_factor).sample
     return to_uint8(images)
 
 
@@ -222,7 +246,7 @@ def _taesd(device, family: str):
 
 
 class CheapPreview:
-    """A labelled preview of latents that costs little: TAESD (TAESDXL for SDXL) where its weights are on this
+    """A labelled preview of latents that costs little: TAESD (TAESDXL, TAESD3 by family) where its weights are on this
     machine, else the linear latent -> RGB fit. Not an exact frame: callers show its label."""
 
     def __init__(self, pipe, use_taesd: bool = True):
@@ -231,10 +255,12 @@ class CheapPreview:
 
     def __call__(self, latents: torch.Tensor, step: int) -> Preview:
         if self._decode is None:
-            taesd = _taesd(self.pipe.unet.device, family_of(self.pipe).key) if self.use_taesd else None
+            family = family_of(self.pipe)
+            taesd = _taesd(family.denoiser(self.pipe).device, family.key) if self.use_taesd else None
             if taesd is not None:
-                scaling = self.pipe.vae.config.scaling_factor
-                self._decode = lambda x: (taesd_decode(taesd, x, scaling)[0], "TAESD preview")
+                vae = self.pipe.vae
+                self._decode = lambda x: (taesd_decode(taesd, x, vae.config.scaling_factor, shift_factor(vae))[0],
+                                          "TAESD preview")
             else:
                 factors = latent_rgb_factors(self.pipe)
                 self._decode = lambda x: (latent_preview(x, *factors)[0], "approximate preview (latent colours)")

@@ -1,13 +1,16 @@
 """The denoising loop, owned end to end, capturing every step of one or several samplers.
 
 diffusers' step callback never sees x0-hat or the noise predictions, so this module runs the loop
-itself (encode prompt, draw noise, scale_model_input, UNet, CFG, scheduler.step), exactly as
+itself (encode prompt, draw noise, scale_model_input, denoiser, CFG, scheduler.step), exactly as
 `StableDiffusionPipeline.__call__` (or the family's own pipeline: families.py adapts the prompt encoding and
-the UNet's conditioning inputs) does, and records per step: the latents after the step, x0-hat, the guided
-noise prediction and its conditional / unconditional parts.
+the denoiser call: a UNet, or SD 3's transformer) does, and records per step: the latents after the step,
+x0-hat, the guided noise prediction and its conditional / unconditional parts.
+
+Flow-matching models (SD 3) output a velocity v on x_t = (1 - sigma) x0 + sigma * noise with sigma in [0, 1]:
+their latents are x_t as they are, x0-hat = x_t - sigma * v and the noise = x_t + (1 - sigma) * v.
 
 Several samplers run in lockstep: each round stacks every active sampler's next model input into
-ONE batched UNet call with per-sample timesteps, then steps each sampler's own scheduler.
+ONE batched denoiser call with per-sample timesteps, then steps each sampler's own scheduler.
 
 A "step" is one update of the sampler from one noise level to the next. Heun and DPM2 spend two
 model evaluations on it; the step's timestep, sigma, x0-hat and noise prediction come from its
@@ -34,11 +37,12 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from .attention import AttentionRecorder, combine, token_span
+from .decode import shift_factor
 from .errors import NonFiniteError, SettingsError
 from .families import family_of
 from .models import load_pipeline, resolve
 from .run import Img2ImgInfo, Run, RunInfo, Settings, Step
-from .samplers import make_scheduler, x0_clip_range
+from .samplers import make_scheduler, prediction_type, x0_clip_range
 
 
 @dataclass
@@ -47,7 +51,7 @@ class StepEvent:
     sampler_index: int  # which of the runs in a lockstep batch
     step: Step
     latents: torch.Tensor  # [1, C, h, w] on the model's device, raw scheduler latents after the step
-    xt: torch.Tensor  # the same latents in the model-input (variance-preserving) scale
+    xt: torch.Tensor  # the same latents in the model-input scale (variance-preserving; flow models: as they are)
     x0: torch.Tensor  # predicted clean latents at the step's start
     eps: torch.Tensor  # the guided noise prediction at the step's start
     total_steps: int  # steps this sampler will run in all (fewer than the schedule's for img2img)
@@ -89,20 +93,27 @@ class SamplerLoop:
     steps: list[Step] = field(default_factory=list)
     x_in: torch.Tensor | None = None
     sigma_space: bool = False  # latents scaled like x0 + sigma * eps (Euler family)
+    flow: bool = False  # a flow-matching sampler: latents are (1 - sigma) x0 + sigma * eps
     step_kwargs: dict = field(default_factory=dict)
     evaluations: int = 0
 
     def __post_init__(self):
         self.timesteps = [float(t) for t in self.scheduler.timesteps.cpu()]
         self.position = self.start
-        self.sigma_space = abs(float(self.scheduler.init_noise_sigma) - 1.0) > 1e-6
-        self.prediction_type = self.scheduler.config.prediction_type
+        self.sigma_space = abs(self.init_noise_sigma - 1.0) > 1e-6
+        self.prediction_type = prediction_type(self.scheduler)
+        self.flow = self.prediction_type == "flow_prediction"
         self.clip_range = x0_clip_range(self.scheduler)
         accepted = set(inspect.signature(self.scheduler.step).parameters)
         if "eta" in accepted:
             self.step_kwargs["eta"] = 0.0
         if "generator" in accepted:
             self.step_kwargs["generator"] = self.generator
+
+    @property
+    def init_noise_sigma(self) -> float:
+        """Scale of the initial noise (the flow-matching schedulers have none: 1)."""
+        return float(getattr(self.scheduler, "init_noise_sigma", 1.0))
 
     @property
     def done(self) -> bool:
@@ -118,9 +129,10 @@ class SamplerLoop:
         return self.settings.num_inference_steps - self.skipped_steps
 
     def model_input(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """This sampler's next UNet input (scaled latents) and its timestep."""
+        """This sampler's next denoiser input (scaled latents) and its timestep."""
         t = self.scheduler.timesteps[self.position]
-        self.x_in = self.scheduler.scale_model_input(self.latents, t)
+        scale = getattr(self.scheduler, "scale_model_input", None)  # the flow-matching schedulers have none
+        self.x_in = self.latents if scale is None else scale(self.latents, t)
         return self.x_in, t
 
     def _input_scale(self, t: torch.Tensor) -> float:
@@ -128,7 +140,8 @@ class SamplerLoop:
         return float(self.scheduler.scale_model_input(torch.ones(1), t)[0])
 
     def _sigma(self, t: torch.Tensor) -> float:
-        """Noise level of the current model input."""
+        """Noise level of the current model input: x = x0 + sigma * eps, or for flow samplers the sigma in
+        [0, 1] of x = (1 - sigma) x0 + sigma * eps (the scheduler's own sigmas)."""
         if self.sigma_space:
             return math.sqrt(max(1.0 / self._input_scale(t) ** 2 - 1.0, 0.0))
         sigmas = getattr(self.scheduler, "sigmas", None)
@@ -168,7 +181,7 @@ class SamplerLoop:
 
     def _finish_step(self) -> Step:
         pending, self.pending = self.pending, None
-        scale = 1.0  # alpha-space latents, and sigma 0 at the end
+        scale = 1.0  # alpha-space and flow latents, and sigma 0 at the end
         if self.sigma_space and not self.done:
             scale = self._input_scale(self.scheduler.timesteps[self.position])
         record = {"latents": self.latents, "xt": self.latents * scale, "x0": pending.x0, "eps": pending.eps,
@@ -184,7 +197,7 @@ class SamplerLoop:
         index = len(self.steps) + 1
         step = Step(index=index, timestep=pending.timestep, sigma=pending.sigma,
                     progress=(self.skipped_steps + index) / self.settings.num_inference_steps,
-                    evaluations=pending.evaluations)
+                    evaluations=pending.evaluations, flow=self.flow)
         self.steps.append(step)
         return step
 
@@ -195,14 +208,18 @@ def guide(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tenso
 
 
 def predictions(x_in: torch.Tensor, output: torch.Tensor, sigma, prediction_type: str):
-    """(x0-hat, eps) from a model output, for a model input x_in = (x0 + sigma * eps) / sqrt(1 + sigma^2)."""
+    """(x0-hat, eps) from a model output, for a model input x_in = (x0 + sigma * eps) / sqrt(1 + sigma^2), or
+    with flow_prediction (a velocity v = eps - x0; Lipman et al. 2023) x_in = (1 - sigma) x0 + sigma * eps."""
+    if prediction_type == "flow_prediction":
+        return x_in - float(sigma) * output, x_in + (1.0 - float(sigma)) * output
     alpha = 1.0 / math.sqrt(1.0 + float(sigma) ** 2)
     if prediction_type == "epsilon":
         return x_in / alpha - float(sigma) * output, output
     if prediction_type == "v_prediction":  # v = alpha * eps - sigma_vp * x0, sigma_vp = alpha * sigma
         sigma_vp = alpha * float(sigma)
         return alpha * x_in - sigma_vp * output, sigma_vp * x_in + alpha * output
-    raise SettingsError(f"Unsupported prediction type {prediction_type!r} (epsilon and v_prediction are).")
+    raise SettingsError(f"Unsupported prediction type {prediction_type!r} (epsilon, v_prediction and "
+                        "flow_prediction are).")
 
 
 def _prompt_info(pipe, prompt: str) -> dict:
@@ -247,29 +264,34 @@ def denoise_steps(settings_list: list[Settings], pipe=None,
     model_source = first.model if pipe is not None else resolve(first.model).source
     pipe = pipe or load_pipeline(first.model)
     family = family_of(pipe)
-    unet, device = pipe.unet, pipe.unet.device
+    family.check_settings(first)
+    denoiser = family.denoiser(pipe)
+    device = denoiser.device
     scale_factor = pipe.vae_scale_factor
-    height = first.height or unet.config.sample_size * scale_factor
-    width = first.width or unet.config.sample_size * scale_factor
-    if height % scale_factor or width % scale_factor:
-        raise SettingsError(f"Width and height must be multiples of {scale_factor} for this model.")
+    height = first.height or denoiser.config.sample_size * scale_factor
+    width = first.width or denoiser.config.sample_size * scale_factor
+    multiple = family.size_multiple(pipe)
+    if height % multiple or width % multiple:
+        w, h = (max(multiple, side // multiple * multiple) for side in (width, height))
+        raise SettingsError(f"Width and height must be multiples of {multiple} for this model, got "
+                            f"{width}x{height}. Try {w}x{h}.")
     started = time.perf_counter()
     with torch.inference_mode():
-        distilled_guidance = unet.config.time_cond_proj_dim is not None  # LCM: guidance is an input, not CFG
+        distilled_guidance = denoiser.config.get("time_cond_proj_dim") is not None  # LCM: guidance is an input
         any_cfg = any(s.guidance_scale > 1 and not distilled_guidance for s in settings_list)
         conditioning = family.encode_prompt(pipe, first.prompt, first.negative_prompt, any_cfg, (height, width))
         dtype = conditioning.prompt_embeds.dtype
         posterior = None if first.init_image is None else _encode_image(pipe, first.init_image, height, width)
         loops = []
         for s in settings_list:
-            scheduler = make_scheduler(s.sampler, pipe.scheduler.config)
+            scheduler = make_scheduler(s.sampler, pipe.scheduler.config, family.sampler_kind)
             scheduler.set_timesteps(s.num_inference_steps, device=device)
             generator = torch.Generator("cpu").manual_seed(s.seed)
-            shape = (1, unet.config.in_channels, height // scale_factor, width // scale_factor)
+            shape = (1, denoiser.config.in_channels, height // scale_factor, width // scale_factor)
             skipped = 0
             if posterior is None:
                 noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-                latents = noise * scheduler.init_noise_sigma
+                latents = noise * getattr(scheduler, "init_noise_sigma", 1.0)  # flow-matching: none (1)
             else:  # the order of draws (posterior sample, then noise) is diffusers' img2img order
                 init_latents = posterior.sample(generator).to(dtype) * pipe.vae.config.scaling_factor
                 noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
@@ -281,7 +303,7 @@ def denoise_steps(settings_list: list[Settings], pipe=None,
             loops.append(SamplerLoop(settings=s, scheduler=scheduler, latents=latents, generator=generator,
                                       do_cfg=s.guidance_scale > 1 and not distilled_guidance, skipped_steps=skipped))
         initial_noise = noise
-    recorder = AttentionRecorder(unet) if first.attention else None
+    recorder = AttentionRecorder(denoiser) if first.attention else None
     try:
         if recorder is not None:
             recorder.__enter__()
@@ -296,7 +318,7 @@ def denoise_steps(settings_list: list[Settings], pipe=None,
         model_source=model_source, device=str(device), dtype=str(dtype).replace("torch.", ""),
         text_embedding_shape=list(conditioning.prompt_embeds.shape), latent_shape=list(initial_noise.shape),
         vae_scale_factor=scale_factor, image_size=[height, width],
-        vae_scaling_factor=float(pipe.vae.config.scaling_factor),
+        vae_scaling_factor=float(pipe.vae.config.scaling_factor), vae_shift_factor=shift_factor(pipe.vae),
         seconds=round(time.perf_counter() - started, 3), lockstep_batch=len(loops), **_prompt_info(pipe, first.prompt),
         **conditioning.facts)
     runs = [_to_run(loop, initial_noise, common) for loop in loops]
@@ -315,9 +337,9 @@ def _encode_image(pipe, image: np.ndarray, height: int, width: int):
 
 @torch.inference_mode()
 def _round(pipe, family, loops, conditioning, recorder: AttentionRecorder | None = None) -> list[StepEvent]:
-    """One batched UNet call for every active sampler, then each sampler's own step; the steps completed.
+    """One batched denoiser call for every active sampler, then each sampler's own step; the steps completed.
     With a recorder, the conditional rows of each sampler's first evaluation of a step are recorded."""
-    unet = pipe.unet
+    time_cond_dim = family.denoiser(pipe).config.get("time_cond_proj_dim")  # LCM's guidance embedding
     active = [i for i, loop in enumerate(loops) if not loop.done]
     inputs, times, rows, conds = [], [], [], []
     for i in active:
@@ -329,12 +351,12 @@ def _round(pipe, family, loops, conditioning, recorder: AttentionRecorder | None
         inputs += [x_in] * copies
         times += [t.float().reshape(1)] * copies
         rows += [False, True] if loop.do_cfg else [True]  # the negative branch first, as diffusers batches CFG
-        if unet.config.time_cond_proj_dim is not None:
+        if time_cond_dim is not None:
             w = torch.tensor([loop.settings.guidance_scale - 1.0])
-            cond = pipe.get_guidance_scale_embedding(w, embedding_dim=unet.config.time_cond_proj_dim)
+            cond = pipe.get_guidance_scale_embedding(w, embedding_dim=time_cond_dim)
             conds += [cond.to(device=x_in.device, dtype=x_in.dtype)] * copies
-    output = unet(torch.cat(inputs), torch.cat(times), timestep_cond=torch.cat(conds) if conds else None,
-                  return_dict=False, **family.unet_kwargs(conditioning, rows))[0]
+    extra = {"timestep_cond": torch.cat(conds)} if conds else {}
+    output = family.predict(pipe, torch.cat(inputs), torch.cat(times), conditioning, rows, **extra)
     maps = recorder.collect(tuple(inputs[0].shape[-2:])) if recorder is not None else {}
     events, offset = [], 0
     for i in active:
@@ -375,7 +397,7 @@ def _to_run(loop: SamplerLoop, initial_noise: torch.Tensor, common: dict) -> Run
         img2img = Img2ImgInfo(strength=loop.settings.strength, skipped_steps=loop.skipped_steps,
                               start_timestep=loop.timesteps[loop.start])
     info = RunInfo(scheduler=type(scheduler).__name__, scheduler_config=_jsonable(dict(scheduler.config)),
-                   init_noise_sigma=float(scheduler.init_noise_sigma), prediction_type=loop.prediction_type,
+                   init_noise_sigma=loop.init_noise_sigma, prediction_type=loop.prediction_type,
                    unet_evaluations=loop.evaluations, stopped=len(loop.steps) < loop.total_steps, img2img=img2img,
                    attention=attention, **common)
     return Run(settings=loop.settings, steps=loop.steps, tensors=tensors, info=info)

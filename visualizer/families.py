@@ -1,13 +1,18 @@
 """Model families as small adapters under the one shared denoising loop (denoise.py).
 
 A family says how a pipeline of its kind is loaded, how the prompt becomes the denoiser's conditioning,
-and what extra inputs the batched UNet call needs; the loop, capture, lockstep batching, img2img and
-decoding stay shared.
+which network denoises and how one batched call to it is made, and which samplers fit it; the loop,
+capture, lockstep batching, img2img and decoding stay shared (the VAE's own config carries the latent
+scaling: `latents / scaling_factor + shift_factor`, decode.py).
 
 - `StableDiffusion` (1.x / 2.x): one CLIP text encoder; its last hidden states condition the UNet.
 - `StableDiffusionXL`: two text encoders whose penultimate hidden states are concatenated per token, plus
   the second encoder's pooled embedding and the size micro-conditioning `time_ids` (original size, crop
   top-left, target size; Podell et al. 2023, section 2.2), given to the UNet as `added_cond_kwargs`.
+- `StableDiffusion3`: a flow-matching MMDiT transformer (Esser et al. 2024). Two CLIP encoders (penultimate
+  hidden states, concatenated per token, zero-padded to T5's width) and T5's hidden states, concatenated
+  along the tokens, enter the transformer's joint attention; the two CLIP pooled embeddings, concatenated, are
+  its `pooled_projections`. 16 latent channels; the transformer outputs a velocity.
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import ModelLoadError
+from .errors import ModelLoadError, SettingsError
 
 
 @dataclass
@@ -40,6 +45,9 @@ class StableDiffusion:
     name = "Stable Diffusion 1.x / 2.x"
     pipelines = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")  # model_index.json classes it loads
     load_kwargs = dict(safety_checker=None, requires_safety_checker=False)  # this tool shows raw frames
+    sampler_kind = "diffusion"  # which registry of samplers.REGISTRIES fits its models
+    img2img = True  # Settings.init_image runs (denoise.py)
+    word_maps = True  # Settings.attention runs (attention.py records UNet cross-attention)
 
     def pipeline_class(self):
         from diffusers import StableDiffusionPipeline
@@ -48,6 +56,24 @@ class StableDiffusion:
 
     def check(self, pipe) -> None:
         """Raise ModelLoadError if a loaded pipeline of this family cannot run here."""
+
+    def check_settings(self, settings) -> None:
+        """Raise SettingsError if `settings` asks for what this family cannot do here."""
+        if settings.init_image is not None and not self.img2img:
+            raise SettingsError(f"img2img (an init image) is not supported for {self.name} models yet: "
+                                "remove the init image to generate from noise.")
+        if settings.attention and not self.word_maps:
+            raise SettingsError(f"Word maps are not available for {self.name} models: they read a UNet's "
+                                "cross-attention, and this model's transformer attends to text and image jointly. "
+                                "Turn word maps off.")
+
+    def denoiser(self, pipe):
+        """The network that denoises: the UNet."""
+        return pipe.unet
+
+    def size_multiple(self, pipe) -> int:
+        """Image width and height must be multiples of this: the VAE's downsampling factor."""
+        return pipe.vae_scale_factor
 
     def encode_prompt(self, pipe, prompt: str, negative_prompt: str, do_cfg: bool,
                       size: tuple[int, int]) -> Conditioning:
@@ -60,6 +86,12 @@ class StableDiffusion:
     def unet_kwargs(self, conditioning: Conditioning, rows: list[bool]) -> dict:
         """The UNet's conditioning keywords for a batch of prompt (True) / negative (False) rows."""
         return {"encoder_hidden_states": conditioning.stack("prompt_embeds", rows)}
+
+    def predict(self, pipe, latents: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning,
+                rows: list[bool], **extra) -> torch.Tensor:
+        """One batched denoiser call: model inputs [B, C, h, w], per-row timesteps [B], rows as in unet_kwargs;
+        `extra` keywords (LCM's timestep_cond) go to the network as they are."""
+        return pipe.unet(latents, timesteps, return_dict=False, **extra, **self.unet_kwargs(conditioning, rows))[0]
 
 
 class StableDiffusionXL(StableDiffusion):
@@ -102,7 +134,53 @@ class StableDiffusionXL(StableDiffusion):
         return {**super().unet_kwargs(conditioning, rows), "added_cond_kwargs": added}
 
 
-BY_KEY = {family.key: family for family in (StableDiffusion(), StableDiffusionXL())}
+class StableDiffusion3(StableDiffusion):
+    """Stable Diffusion 3 / 3.5 (`StableDiffusion3Pipeline`)."""
+    key = "sd3"
+    name = "Stable Diffusion 3.x"
+    pipelines = ("StableDiffusion3Pipeline",)
+    load_kwargs = {}
+    sampler_kind = "flow"
+    img2img = False  # StableDiffusion3Img2ImgPipeline noises with scale_noise: not wired yet
+    word_maps = False  # MMDiT joint attention: no UNet cross-attention to read
+
+    def pipeline_class(self):
+        from diffusers import StableDiffusion3Pipeline
+
+        return StableDiffusion3Pipeline
+
+    def check(self, pipe) -> None:
+        if pipe.scheduler.config.get("use_dynamic_shifting"):
+            raise ModelLoadError("This SD 3 model's scheduler shifts its schedule by the image size "
+                                 "(use_dynamic_shifting); that is not supported yet.")
+
+    def denoiser(self, pipe):
+        """The network that denoises: the MMDiT transformer."""
+        return pipe.transformer
+
+    def size_multiple(self, pipe) -> int:
+        """The VAE's factor times the transformer's patch size (a patch of latents is one image token)."""
+        return pipe.vae_scale_factor * pipe.transformer.config.patch_size
+
+    def encode_prompt(self, pipe, prompt: str, negative_prompt: str, do_cfg: bool,
+                      size: tuple[int, int]) -> Conditioning:
+        embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
+            prompt, None, None, device=pipe.transformer.device, num_images_per_prompt=1,
+            do_classifier_free_guidance=do_cfg, negative_prompt=negative_prompt or None)
+        facts = {"family": self.key, "pooled_embedding_shape": list(pooled.shape)}
+        positive = {"prompt_embeds": embeds, "pooled_projections": pooled}
+        negative = {"prompt_embeds": negative, "pooled_projections": negative_pooled} if do_cfg else None
+        return Conditioning(positive, negative, facts)
+
+    def predict(self, pipe, latents: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning,
+                rows: list[bool], **extra) -> torch.Tensor:
+        return pipe.transformer(hidden_states=latents, timestep=timesteps,
+                                encoder_hidden_states=conditioning.stack("prompt_embeds", rows),
+                                pooled_projections=conditioning.stack("pooled_projections", rows),
+                                return_dict=False, **extra)[0]
+
+
+BY_KEY = {family.key: family for family in (StableDiffusion(), StableDiffusionXL(), StableDiffusion3())}
 BY_PIPELINE = {pipeline: family for family in BY_KEY.values() for pipeline in family.pipelines}
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .decode import vae_decode
+from .decode import from_vae_space, vae_decode
 from .denoise import predictions
 from .samplers import config_notes
 
@@ -136,7 +136,7 @@ def schedule_plot(run, current: int | None = None):
 def step_numbers(run, index: int) -> str:
     """Markdown with the numbers of step `index` (0-based)."""
     s = run.steps[index]
-    snr = math.inf if s.sigma == 0 else 1 / s.sigma ** 2
+    snr = s.snr
     return (f"| step | t | sigma | SNR | noise share | guidance | evaluations |\n|---|---|---|---|---|---|---|\n"
             f"| {s.index} / {len(run)} | {s.timestep:.1f} | {s.sigma:.4f} | {snr:.4g} | {s.noise_share:.1%} | "
             f"{run.settings.guidance_scale:g} | {s.evaluations} |")
@@ -166,10 +166,12 @@ def guidance_breakdown(run, index: int, vae) -> dict[str, np.ndarray] | None:
 
     Returns uint8 images: 'uncond' and 'cond' are the decoded x0-hat each branch implies, 'guided' the
     decoded x0-hat of guided = uncond + scale * (cond - uncond), 'added' a heatmap of |scale * (cond - uncond)|
-    in latent space. None when the run used no classifier-free guidance.
+    in latent space. None when the run used no classifier-free guidance, and for flow-matching runs (SD 3): a
+    branch's x0-hat cannot be recovered from its noise estimate at sigma = 1, and the branches' own x0-hat are
+    not captured yet.
     """
     t = run.tensors
-    if "eps_cond" not in t:
+    if "eps_cond" not in t or run.steps[index].flow:
         return None
     sigma = run.steps[index].sigma
     x_in = t["x_in"][index:index + 1]
@@ -189,37 +191,53 @@ def pipeline_stages(run) -> str:
     truncated = f" — **truncated**, ignored: “{i.dropped_text}”" if i.truncated else ""
     config = i.scheduler_config
     keys = ("timestep_spacing", "prediction_type", "use_karras_sigmas", "algorithm_type", "beta_schedule")
+    if i.family == "sd3":  # flow matching: the schedule's shift toward high noise
+        keys += ("shift", "use_flow_sigmas", "flow_shift")
     settings = ", ".join(f"{k}={config[k]}" for k in keys if k in config)
     notes = "".join(f"\n   - {note}" for note in config_notes(config))
     h, w = i.image_size or ["?", "?"]
     cfg = "eps_cond" in run.tensors
+    sd3 = i.family == "sd3"
     start = (f"3. **Initial noise**: shape {i.latent_shape}, seed {run.settings.seed}, "
-             f"scaled by init_noise_sigma = {i.init_noise_sigma:.3f}")
+             + (f"{i.latent_shape[1]} latent channels; x_t = (1 - sigma) x0 + sigma * noise, so the noise "
+                "is x_t at sigma = 1 (flow matching)" if sd3 else
+                f"scaled by init_noise_sigma = {i.init_noise_sigma:.3f}"))
     if i.img2img is not None:
         m = i.img2img
         start = (f"3. **Init image (img2img)**: VAE-encoded to shape {i.latent_shape}, noised with seed "
                  f"{run.settings.seed} to t = {m.start_timestep:.0f}, where step {m.skipped_steps + 1} of "
                  f"{run.settings.num_inference_steps} begins (strength {m.strength}); the first "
                  f"{m.skipped_steps} steps are skipped")
+    denoiser = ("Transformer** (MMDiT: image patches and text tokens in joint attention; outputs a velocity "
+                "v, x0-hat = x_t - sigma * v)" if sd3 else "UNet**")
+    shift = f" + {i.vae_shift_factor:.4f}" if i.vae_shift_factor else ""
     return "\n".join([
-        f"1. **{'Tokenizers' if i.family == 'sdxl' else 'Tokenizer'}**: {i.tokens} tokens of at most "
-        f"{i.token_limit}{truncated}: `{shown}`",
+        f"1. **{'Tokenizers' if i.family in ('sdxl', 'sd3') else 'Tokenizer'}**: {i.tokens} tokens of at most "
+        f"{i.token_limit}{' (CLIP; T5 reads up to 256)' if sd3 else ''}{truncated}: `{shown}`",
         _text_encoders(run, cfg),
         start,
-        f"4. **UNet**: {i.unet_evaluations} evaluations for {len(run)} steps, batch of {2 if cfg else 1} per "
+        f"4. **{denoiser}: {i.unet_evaluations} evaluations for {len(run)} steps, batch of {2 if cfg else 1} per "
         f"evaluation{', in lockstep with other samplers' if i.lockstep_batch > 1 else ''}",
         f"5. **Scheduler**: {i.scheduler} ({settings}){notes}",
-        f"6. **VAE**: latents / {i.vae_scaling_factor:.4f}, upsampled x{i.vae_scale_factor} to a {w}x{h} image",
+        f"6. **VAE**: latents / {i.vae_scaling_factor:.4f}{shift}, upsampled x{i.vae_scale_factor} to a {w}x{h} image",
     ])
 
 
 def _text_encoders(run, cfg: bool) -> str:
     """The text-encoder stage of pipeline_stages, for the run's model family."""
     i = run.info
+    source = "negative" if run.settings.negative_prompt else "empty"
+    if i.family == "sd3":
+        return (f"2. **Text encoders** (SD 3): text_encoder and text_encoder_2 (CLIP) each encode the prompt; their "
+                "penultimate hidden states, concatenated per token and zero-padded to T5's width, are followed by "
+                f"text_encoder_3's (T5) hidden states: an embedding of shape {i.text_embedding_shape} "
+                f"({f'with an unconditional twin for CFG, from the {source} prompt' if cfg else 'no CFG'}). Both CLIP "
+                f"encoders' **pooled embeddings**, concatenated, shape {i.pooled_embedding_shape}, enter the "
+                "transformer beside the timestep (pooled_projections)")
     if i.family != "sdxl":
         return (f"2. **Text encoder**: embedding of shape {i.text_embedding_shape} "
                 f"({'with an unconditional twin for CFG' if cfg else 'no CFG'})")
-    twin, source = "no CFG", "negative" if run.settings.negative_prompt else "empty"
+    twin = "no CFG"
     if cfg and i.zero_negative:
         twin = ("with an all-zero unconditional twin for CFG: no negative prompt, and the model's "
                 "force_zeros_for_empty_prompt is on")
@@ -249,7 +267,8 @@ def forward_noising(run, image: np.ndarray, vae, seed: int = 0) -> list[np.ndarr
     pixels = np.asarray(Image.fromarray(image).convert("RGB").resize((w, h), Image.Resampling.BICUBIC))
     device = next(vae.parameters()).device
     x = torch.from_numpy(pixels.copy()).permute(2, 0, 1)[None].float().div(127.5).sub(1).to(device)
-    latents = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
+    latents = from_vae_space(vae, vae.encode(x).latent_dist.mean)
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed)).to(device)
-    noised = [(latents + s.sigma * noise) / math.sqrt(1 + s.sigma ** 2) for s in run.steps]
+    noised = [(1 - s.sigma) * latents + s.sigma * noise if s.flow
+              else (latents + s.sigma * noise) / math.sqrt(1 + s.sigma ** 2) for s in run.steps]
     return list(vae_decode(vae, torch.cat(noised)))

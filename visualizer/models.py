@@ -28,15 +28,17 @@ ALIASES = {
     "sd-turbo": "stabilityai/sd-turbo",
     "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
     "sdxl-turbo": "stabilityai/sdxl-turbo",
+    "sd3.5-medium": "stabilityai/stable-diffusion-3.5-medium",
 }
 # model_index.json's pipeline class -> the family a person knows; those in families.BY_PIPELINE load
 FAMILIES = {
     **{pipeline: family.name for pipeline, family in BY_PIPELINE.items()},
     "StableDiffusionXLImg2ImgPipeline": "Stable Diffusion XL refiner / img2img",
-    "StableDiffusion3Pipeline": "Stable Diffusion 3.x", "FluxPipeline": "Flux.1",
+    "FluxPipeline": "Flux.1",
     "PixArtAlphaPipeline": "PixArt-alpha", "KandinskyV22Pipeline": "Kandinsky 2.2",
 }
-SUPPORTED_TEXT = " and ".join(family.name for family in BY_KEY.values())
+_NAMES = [family.name for family in BY_KEY.values()]
+SUPPORTED_TEXT = f"{', '.join(_NAMES[:-1])} and {_NAMES[-1]}"
 INDEX = "model_index.json"  # a diffusers model's table of contents: its pipeline class and parts
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 _CACHE_SIZE = 2
@@ -96,7 +98,7 @@ def _check_family(name: str, pipeline: str) -> StableDiffusion:
     if pipeline not in BY_PIPELINE:
         family = FAMILIES.get(pipeline, "another")
         raise ModelLoadError(f"{name} is a {family} model ({pipeline}); this version runs {SUPPORTED_TEXT} "
-                             "models only (SD 3 and Flux are planned).")
+                             "models only (Flux is planned).")
     return BY_PIPELINE[pipeline]
 
 

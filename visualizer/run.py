@@ -34,7 +34,7 @@ class Settings:
     prompt: str  # what to draw
     negative_prompt: str = ""  # what to steer away from (the unconditional branch of CFG)
     model: str = "embedded"  # embedded, an alias, a local folder or a hub id
-    sampler: str = DEFAULT_SAMPLER  # a name from samplers.SAMPLERS
+    sampler: str = DEFAULT_SAMPLER  # a name from samplers.SAMPLERS (flow-matching models: samplers.FLOW_SAMPLERS)
     num_inference_steps: int = 25  # sampler steps (Heun / DPM2 evaluate the model twice per step)
     # classifier-free guidance; <= 1 turns CFG off. Below SD's customary 7.5: the embedded model follows
     # prompts best from 2 to 5 and distorts its shapes at 7.5 (README, "How good it is")
@@ -149,14 +149,23 @@ def _rgb(image) -> np.ndarray:
 class Step:
     index: int  # 1-based sampler step
     timestep: float  # UNet timestep of the step's first model evaluation
-    sigma: float  # noise level of that evaluation (x = x0 + sigma * eps convention)
+    sigma: float  # noise level of that evaluation: x = x0 + sigma * eps; flow runs: sigma in [0, 1] of
+    # x = (1 - sigma) x0 + sigma * eps (the flow scheduler's own sigma)
     progress: float  # how far through the sampler's whole schedule this step ends (1.0 = the last step)
-    evaluations: int  # UNet evaluations spent on this step (2 for Heun / DPM2)
+    evaluations: int  # model evaluations spent on this step (2 for Heun / DPM2)
+    flow: bool = False  # a flow-matching run (SD 3): sigma is a flow sigma, as above
 
     @property
     def noise_share(self) -> float:
-        """sigma / sqrt(1 + sigma^2): the share of the model input that is noise."""
-        return self.sigma / math.sqrt(1.0 + self.sigma * self.sigma)
+        """The share of the model input that is noise: sigma / sqrt(1 + sigma^2), or a flow run's sigma."""
+        return self.sigma if self.flow else self.sigma / math.sqrt(1.0 + self.sigma * self.sigma)
+
+    @property
+    def snr(self) -> float:
+        """Signal-to-noise ratio of the model input: 1 / sigma^2, or (1 - sigma)^2 / sigma^2 for a flow run."""
+        if self.sigma == 0:
+            return math.inf
+        return ((1.0 - self.sigma) if self.flow else 1.0) ** 2 / self.sigma ** 2
 
 
 @dataclass
@@ -174,7 +183,7 @@ class RunInfo:
     dtype: str  # the model's compute dtype
     scheduler: str  # the scheduler class
     scheduler_config: dict  # its full config, as built from the model's own
-    prediction_type: str  # epsilon or v_prediction
+    prediction_type: str  # epsilon, v_prediction or flow_prediction (a velocity)
     init_noise_sigma: float  # scale of the initial noise
     text_embedding_shape: list[int]  # the prompt embedding
     latent_shape: list[int]  # the initial noise
@@ -194,9 +203,11 @@ class RunInfo:
     structure_step: int | None = None  # where structure appears (insight.structure_step)
     attention: dict | None = None  # with Settings.attention: {"tokens": the prompt's tokens, one per map,
     # "resolutions": the UNet resolutions of the per-resolution maps}
-    family: str = "sd"  # the model family (families.py): sd (1.x / 2.x; every bundle written before SDXL) or sdxl
-    pooled_embedding_shape: list[int] | None = None  # SDXL: the second text encoder's pooled embedding
+    family: str = "sd"  # the model family (families.py): sd (1.x / 2.x; every bundle written before SDXL), sdxl, sd3
+    pooled_embedding_shape: list[int] | None = None  # SDXL: the second text encoder's pooled embedding; SD 3: both
+    # CLIP encoders' pooled embeddings, concatenated (pooled_projections)
     time_ids: list[float] | None = None  # SDXL size conditioning: original h, w, crop top, left, target h, w
+    vae_shift_factor: float = 0.0  # then added to them (SD 3's VAE; 0 for SD 1.x / 2.x and SDXL)
     zero_negative: bool = False  # SDXL force_zeros_for_empty_prompt: no negative prompt -> an all-zero uncond branch
 
     @property

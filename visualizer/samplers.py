@@ -1,4 +1,8 @@
-"""The sampler registry: the names people know -> a diffusers scheduler class and its overrides.
+"""The sampler registry: the names people know -> a diffusers scheduler class and its overrides, per kind of model.
+
+Diffusion models (SD 1.x / 2.x, SDXL: noise or v prediction on a beta schedule) and flow-matching models
+(SD 3: a velocity on the straight path x_t = (1 - sigma) x0 + sigma * noise) need different schedulers, so
+each kind has its own registry (`SAMPLERS`, `FLOW_SAMPLERS`); a name means the same algorithm in both.
 
 `make_scheduler` builds a fresh scheduler for every run (schedulers are stateful: never share one) from
 the model's own scheduler config, exactly as `Scheduler.from_config(pipe.scheduler.config)` does in
@@ -6,9 +10,12 @@ diffusers: a key the config omits takes the scheduler class's default (DDIM then
 """
 from __future__ import annotations
 
+from typing import Callable
+
 from diffusers import (
     DDIMScheduler, DDPMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler,
+    EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler,
+    FlowMatchHeunDiscreteScheduler, HeunDiscreteScheduler,
     KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler, LCMScheduler, LMSDiscreteScheduler,
     PNDMScheduler, UniPCMultistepScheduler,
 )
@@ -16,7 +23,9 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from .errors import UnknownSamplerError
 
-SAMPLERS: dict[str, tuple[type[SchedulerMixin], dict]] = {
+# overrides: keywords for from_config, or a function of the model's scheduler config that returns them
+Overrides = dict | Callable[[dict], dict]
+SAMPLERS: dict[str, tuple[type[SchedulerMixin], Overrides]] = {  # for diffusion models
     "DDIM": (DDIMScheduler, {}),  # Song et al. 2020, deterministic (eta = 0)
     "DDPM": (DDPMScheduler, {}),  # Ho et al. 2020, ancestral
     "PNDM": (PNDMScheduler, {"skip_prk_steps": True}),  # Liu et al. 2022, PLMS
@@ -33,25 +42,58 @@ SAMPLERS: dict[str, tuple[type[SchedulerMixin], dict]] = {
     "DEIS": (DEISMultistepScheduler, {}),  # Zhang & Chen 2022
     "LCM": (LCMScheduler, {}),  # Luo et al. 2023; for LCM / turbo checkpoints
 }
+
+
+def _flow_solver(config: dict) -> dict:
+    """A multistep solver on flow sigmas, shifted by the model's own `shift`, reading the output as a velocity."""
+    return {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "flow_shift": config.get("shift", 1.0)}
+
+
+FLOW_SAMPLERS: dict[str, tuple[type[SchedulerMixin], Overrides]] = {  # for flow-matching models
+    "Euler": (FlowMatchEulerDiscreteScheduler, {}),  # the SD 3 pipeline's own sampler
+    "Heun": (FlowMatchHeunDiscreteScheduler, {}),  # 2 model evaluations per step
+    "DPM++ 2M": (DPMSolverMultistepScheduler, _flow_solver),  # Lu et al. 2022
+    "UniPC": (UniPCMultistepScheduler, _flow_solver),  # Zhao et al. 2023
+}
+REGISTRIES = {"diffusion": SAMPLERS, "flow": FLOW_SAMPLERS}  # by the kind of model (families.py: sampler_kind)
+KINDS = {"diffusion": "diffusion models (SD 1.x / 2.x, SDXL)", "flow": "flow-matching models (SD 3)"}  # in words
 TWO_EVALUATION_SAMPLERS = ("Heun", "DPM2", "DPM2 a")
 DEFAULT_SAMPLER = "Euler"
 
 
 def sampler_names() -> list[str]:
+    """The diffusion models' samplers (valid_for gives another kind's)."""
     return list(SAMPLERS)
 
 
+def valid_for(kind: str) -> list[str]:
+    """The samplers that fit models of `kind` ("diffusion" or "flow")."""
+    return list(REGISTRIES[kind])
+
+
 def check_sampler(name: str) -> str:
-    """Return `name` if it is registered, else raise with the list of valid names."""
-    if name not in SAMPLERS:
-        raise UnknownSamplerError(f"Unknown sampler {name!r}. Valid samplers: {', '.join(SAMPLERS)}.")
+    """Return `name` if some kind of model has it, else raise with the list of valid names."""
+    if not any(name in registry for registry in REGISTRIES.values()):
+        raise UnknownSamplerError(f"Unknown sampler {name!r}. Valid samplers: {', '.join(SAMPLERS)}; for "
+                                  f"{KINDS['flow']}: {', '.join(FLOW_SAMPLERS)}.")
     return name
 
 
-def make_scheduler(name: str, base_config) -> SchedulerMixin:
-    """A fresh scheduler of sampler `name`, built from a model's scheduler config."""
-    cls, overrides = SAMPLERS[check_sampler(name)]
-    return cls.from_config(base_config, **overrides)
+def make_scheduler(name: str, base_config, kind: str = "diffusion") -> SchedulerMixin:
+    """A fresh scheduler of sampler `name` for a model of `kind`, built from the model's scheduler config;
+    UnknownSamplerError naming the valid ones if the sampler does not fit that kind."""
+    registry = REGISTRIES[kind]
+    if check_sampler(name) not in registry:
+        raise UnknownSamplerError(f"The {name} sampler does not fit {KINDS[kind]}. Valid samplers for them: "
+                                  f"{', '.join(registry)}.")
+    cls, overrides = registry[name]
+    return cls.from_config(base_config, **(overrides(base_config) if callable(overrides) else overrides))
+
+
+def prediction_type(scheduler) -> str:
+    """What the model output means to `scheduler`: its config's prediction_type; the flow-matching schedulers
+    have none (they read a velocity): "flow_prediction"."""
+    return scheduler.config.get("prediction_type", "flow_prediction")
 
 
 def x0_clip_range(scheduler) -> float | None:

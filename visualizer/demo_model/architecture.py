@@ -1,8 +1,8 @@
 """Configs and builders for small Stable-Diffusion-shaped models (the embedded model and test models).
 
 The parts are diffusers' and transformers' own classes, so a folder saved from them loads with
-`StableDiffusionPipeline.from_pretrained` (`StableDiffusionXLPipeline` for the SDXL-shaped test model) like any
-real checkpoint.
+`StableDiffusionPipeline.from_pretrained` (`StableDiffusionXLPipeline`, `StableDiffusion3Pipeline` for the SDXL- and
+SD 3-shaped test models) like any real checkpoint.
 """
 from __future__ import annotations
 
@@ -57,13 +57,13 @@ def text_encoder(vocab_size: int, max_length: int, hidden: int, layers: int,
     return CLIPTextModelWithProjection(config) if projection_dim else CLIPTextModel(config)
 
 
-def vae(channels: tuple[int, ...], sample_size: int) -> AutoencoderKL:
-    """A KL autoencoder with 4 latent channels and a downsampling factor of 2**(len(channels)-1)."""
+def vae(channels: tuple[int, ...], sample_size: int, latent_channels: int = 4, **config) -> AutoencoderKL:
+    """A KL autoencoder with a downsampling factor of 2**(len(channels)-1); `config`: more AutoencoderKL keywords."""
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=channels,
+        in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=channels,
         down_block_types=("DownEncoderBlock2D",) * len(channels),
         up_block_types=("UpDecoderBlock2D",) * len(channels),
-        layers_per_block=1, norm_num_groups=16, sample_size=sample_size,
+        layers_per_block=1, norm_num_groups=16, sample_size=sample_size, **config,
     )
 
 
@@ -134,6 +134,60 @@ def tiny_sdxl_pipeline(folder: Path, seed: int = 0) -> Path:
         vae=vae((16, 32, 32), 32), text_encoder=encoder, text_encoder_2=encoder_2, tokenizer=tokenizers[0],
         tokenizer_2=tokenizers[1], unet=unet_model, scheduler=scheduler, force_zeros_for_empty_prompt=True,
         add_watermarker=False,
+    )
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def write_t5_tokenizer(folder: Path, words: list[str]):
+    """A T5 (Unigram, SentencePiece-style) fast tokenizer holding every word of `words` whole and every
+    character, built with the `tokenizers` library (no sentencepiece model file needed)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [("\u2581" + word, -1.0) for word in words]
+    pieces += [(c, -5.0) for c in string.ascii_letters + string.digits + string.punctuation]
+    model = Tokenizer(models.Unigram(pieces, unk_id=2))
+    model.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    model.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    model.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                         special_tokens=[("</s>", 1)])
+    tokenizer = T5TokenizerFast(tokenizer_object=model, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                                extra_ids=0)
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def tiny_sd3_pipeline(folder: Path, seed: int = 0) -> Path:
+    """Save a tiny random-weight SD 3 pipeline (32x32 images, 16x8x8 latents) to `folder`; for tests.
+
+    SD 3's layout at toy scale: two CLIP text encoders with projected pooled embeddings, a T5 encoder, an MMDiT
+    transformer (2x2 patches, joint attention over image and text tokens), a 16-channel VAE with a shift factor,
+    and SD 3's flow-matching Euler scheduler (shift 3)."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    words = ["a", "red", "blue", "circle", "square", "on", "the", "left", "right", "of", "background"]
+    tokenizers = [write_tokenizer(folder / name, words, max_length=16) for name in ("tokenizer", "tokenizer_2")]
+    vocab = len(tokenizers[0].get_vocab())
+    clip, clip_2 = (text_encoder(vocab, 16, hidden=32, layers=2, projection_dim=32) for _ in range(2))
+    t5_tokenizer = write_t5_tokenizer(folder / "tokenizer_3", words)
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), d_model=64, d_ff=64, d_kv=16, num_layers=1,
+                                 num_heads=4, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
+        num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
+        pos_embed_max_size=16,
+    )  # joint_attention_dim: T5's width (the CLIP states, 2 x 32, are padded to it); pooled: 2 x 32
+    autoencoder = vae((16, 32, 32), 32, latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609,
+                      use_quant_conv=False, use_post_quant_conv=False)  # SD 3's VAE factors and layout
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=autoencoder,
+        text_encoder=clip, tokenizer=tokenizers[0], text_encoder_2=clip_2, tokenizer_2=tokenizers[1],
+        text_encoder_3=t5, tokenizer_3=t5_tokenizer,
     )
     pipe.save_pretrained(folder)
     return folder

@@ -1,0 +1,192 @@
+"""The SD 3 family (families.py, flow matching) through the shared loop, against diffusers' own
+StableDiffusion3Pipeline on a tiny random SD 3 model."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler,
+                       StableDiffusion3Pipeline, UniPCMultistepScheduler)
+
+from visualizer import api
+from visualizer.decode import SD3_LATENT_RGB, SD3_LATENT_RGB_BIAS, CheapPreview, latent_rgb_factors, vae_decode
+from visualizer.denoise import generate, generate_many, predictions
+from visualizer.errors import SettingsError, UnknownSamplerError
+from visualizer.families import family_of
+from visualizer.insight import pipeline_stages, step_numbers
+from visualizer.models import ALIASES, ModelLoadError, load_pipeline, resolve
+from visualizer.run import Run, Settings
+from visualizer.samplers import FLOW_SAMPLERS, make_scheduler, valid_for
+
+from test_img2img import init_image
+
+PROMPT = "a red circle on the left"
+SEED = 11
+SHIFT = 3.0  # the tiny model's scheduler shift, as SD 3's
+# diffusers' documented way to run each sampler on an SD 3 model (the reference side of the comparison)
+REFERENCE_SCHEDULERS = {
+    "Euler": lambda config: None,  # the pipeline's own FlowMatchEulerDiscreteScheduler, untouched
+    "Heun": lambda config: FlowMatchHeunDiscreteScheduler.from_config(config),
+    "DPM++ 2M": lambda config: DPMSolverMultistepScheduler.from_config(
+        config, use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=SHIFT),
+    "UniPC": lambda config: UniPCMultistepScheduler.from_config(
+        config, use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=SHIFT),
+}
+
+
+@pytest.fixture(scope="module")
+def sd3(tmp_path_factory):
+    """(folder, pipeline) of a tiny random SD 3 model saved with save_pretrained and loaded like a real one."""
+    from visualizer.demo_model.architecture import tiny_sd3_pipeline
+
+    folder = str(tiny_sd3_pipeline(tmp_path_factory.mktemp("tiny-sd3")))
+    return folder, load_pipeline(folder)
+
+
+def settings(folder, sampler="Euler", steps=6, **kw):
+    kw.setdefault("guidance_scale", 7.0)
+    kw.setdefault("prompt", PROMPT)
+    return Settings(model=folder, sampler=sampler, num_inference_steps=steps, seed=SEED, **kw)
+
+
+def diffusers_image(pipe, sampler, steps=6, prompt=PROMPT, negative=None, guidance_scale=7.0):
+    reference = StableDiffusion3Pipeline(**pipe.components)
+    reference.scheduler = REFERENCE_SCHEDULERS[sampler](pipe.scheduler.config) or pipe.scheduler
+    reference.set_progress_bar_config(disable=True)
+    return reference(prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance_scale,
+                     generator=torch.Generator().manual_seed(SEED), height=32, width=32, output_type="np").images[0]
+
+
+def final_image(pipe, run) -> np.ndarray:
+    return vae_decode(pipe.vae, run.tensors["latents"][-1:])[0].astype(np.float32) / 255
+
+
+def test_flow_predictions_invert_the_straight_path():
+    x0, noise, sigma = torch.randn(1, 16, 4, 4), torch.randn(1, 16, 4, 4), 0.3
+    x_t, velocity = (1 - sigma) * x0 + sigma * noise, noise - x0
+    got_x0, got_noise = predictions(x_t, velocity, sigma, "flow_prediction")
+    assert torch.allclose(got_x0, x0, atol=1e-6) and torch.allclose(got_noise, noise, atol=1e-6)
+
+
+@pytest.mark.parametrize("sampler", list(REFERENCE_SCHEDULERS))
+def test_final_image_matches_diffusers_sd3_pipeline(sd3, sampler):
+    folder, pipe = sd3
+    run = generate(settings(folder, sampler), pipe)
+    assert run.info.family == "sd3" and run.info.prediction_type == "flow_prediction" and len(run) == 6
+    assert run.info.unet_evaluations == (11 if sampler == "Heun" else 6)
+    assert np.abs(final_image(pipe, run) - diffusers_image(pipe, sampler)).max() <= 2 / 255
+    # Step.sigma is the flow sigma in [0, 1]: pure noise at the first step, and x_t is the latents as they are
+    first = run.steps[0]
+    assert first.sigma == pytest.approx(1.0, abs=1e-3) and all(s.flow and 0 < s.sigma <= 1 for s in run.steps)
+    assert torch.equal(run.tensors["xt"], run.tensors["latents"])
+    assert first.noise_share == first.sigma and first.snr == pytest.approx((1 - first.sigma) ** 2 / first.sigma ** 2)
+
+
+def test_euler_captures_the_schedulers_own_sigmas_and_x0_hat(sd3):
+    folder, pipe = sd3
+    run = generate(settings(folder), pipe)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(6)
+    assert [s.sigma for s in run.steps] == pytest.approx(scheduler.sigmas[:-1].tolist())
+    assert [s.timestep for s in run.steps] == pytest.approx(scheduler.timesteps.tolist())
+    # Euler's last step goes to sigma 0: x_final = x - sigma * v, which is that step's x0-hat
+    assert torch.allclose(run.tensors["x0"][-1], run.tensors["latents"][-1], atol=1e-5)
+    # every step: x_t = (1 - sigma) * x0-hat + sigma * noise estimate, on the step's model input
+    sigma = torch.tensor([s.sigma for s in run.steps])[:, None, None, None]
+    t = run.tensors
+    assert torch.allclose((1 - sigma) * t["x0"] + sigma * t["eps"], t["x_in"], atol=1e-4)
+
+
+@pytest.mark.parametrize("prompt, negative, guidance", [(PROMPT, "blue square", 7.0), ("", "", 7.0), (PROMPT, "", 1.0)])
+def test_negative_prompt_and_no_cfg_match_diffusers(sd3, prompt, negative, guidance):
+    folder, pipe = sd3
+    run = generate(settings(folder, prompt=prompt, negative_prompt=negative, guidance_scale=guidance), pipe)
+    assert ("eps_cond" in run.tensors) == (guidance > 1)
+    theirs = diffusers_image(pipe, "Euler", prompt=prompt, negative=negative or None, guidance_scale=guidance)
+    assert np.abs(final_image(pipe, run) - theirs).max() <= 2 / 255
+
+
+def test_lockstep_batch_equals_each_sampler_alone(sd3):
+    folder, pipe = sd3
+    names = ["Euler", "DPM++ 2M"]
+    together = generate_many([settings(folder, n) for n in names], pipe)
+    assert together[0].info.lockstep_batch == 2
+    for name, run in zip(names, together):
+        alone = generate(settings(folder, name), pipe)
+        assert torch.allclose(run.tensors["latents"], alone.tensors["latents"], rtol=1e-4, atol=1e-4), name
+
+
+def test_api_run_end_to_end_saves_and_loads(sd3, tmp_path):
+    folder, pipe = sd3
+    run = api.run(settings(folder, "Euler", steps=4))
+    assert len(run.frames["xt"]) == len(run.frames["x0"]) == 4 and run.final_image.shape == (32, 32, 3)
+    assert (run.final_image == run.frames["xt"][-1]).all() and run.info.metrics
+    assert np.abs(run.frames["x0"][-1].astype(int) - run.final_image).max() <= 2  # x0-hat ends at the image
+    i = run.info
+    assert i.latent_shape == [1, 16, 8, 8] and i.pooled_embedding_shape == [1, 64]
+    assert i.text_embedding_shape == [1, 16 + 256, 64]  # CLIP tokens, then T5's 256
+    assert i.vae_shift_factor == pytest.approx(0.0609) and i.init_noise_sigma == 1.0
+    stages = pipeline_stages(run)
+    for words in ("text_encoder_2", "text_encoder_3", "T5", "pooled_projections", "Transformer", "MMDiT",
+                  "16 latent channels", "+ 0.0609", "shift=3.0"):
+        assert words in stages, words
+    assert "SNR | noise share" in step_numbers(run, 0) and "| 0 | 100.0% |" in step_numbers(run, 0)
+    assert api.guidance_breakdown(run, 1) is None  # not for flow runs yet (insight.guidance_breakdown)
+    forward = api.forward_noising(run)
+    assert len(forward) == 4 and forward[0].shape == (32, 32, 3)
+    loaded = Run.load(run.save(tmp_path / "run"))
+    assert loaded.info == run.info and (loaded.final_image == run.final_image).all()
+    assert loaded.steps == run.steps and loaded.steps[0].flow
+
+
+def test_a_sampler_that_does_not_fit_sd3_names_the_valid_ones(sd3):
+    folder, pipe = sd3
+    assert valid_for("flow") == list(FLOW_SAMPLERS) == ["Euler", "Heun", "DPM++ 2M", "UniPC"]
+    with pytest.raises(UnknownSamplerError) as error:
+        generate(settings(folder, "DDIM"), pipe)
+    message = str(error.value)
+    assert "DDIM" in message and "flow-matching models (SD 3)" in message
+    assert "Euler, Heun, DPM++ 2M, UniPC" in message
+    assert make_scheduler("DPM++ 2M", pipe.scheduler.config, "flow").config.flow_shift == SHIFT
+    assert type(make_scheduler("Euler", pipe.scheduler.config, "flow")).__name__ == "FlowMatchEulerDiscreteScheduler"
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(init_image=init_image()), "img2img"),
+    (dict(attention=True), "Word maps are not available"),
+])
+def test_what_sd3_cannot_do_yet_is_refused_plainly(sd3, change, words):
+    folder, pipe = sd3
+    with pytest.raises(SettingsError, match=words):
+        generate(settings(folder, **change), pipe)
+
+
+def test_sd3_alias_folder_and_layouts(sd3, tmp_path):
+    assert resolve("sd3.5-medium").source == ALIASES["sd3.5-medium"] == "stabilityai/stable-diffusion-3.5-medium"
+    folder, pipe = sd3
+    assert resolve(folder).is_local and load_pipeline(folder) is pipe
+    assert family_of(pipe).size_multiple(pipe) == 4 * 2  # the VAE's factor x the transformer's patch size
+    copy = shutil.copytree(folder, tmp_path / "model")
+    config = copy / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "use_dynamic_shifting": True}))
+    with pytest.raises(ModelLoadError, match="use_dynamic_shifting"):
+        load_pipeline(str(copy))
+
+
+def test_sd3_previews_use_sd3_latent_colours_and_taesd3(sd3, tmp_path, monkeypatch):
+    from diffusers import AutoencoderTiny
+
+    from visualizer.decode import load_taesd
+
+    _, pipe = sd3
+    factors, bias = latent_rgb_factors(pipe)
+    assert factors.shape == (16, 3) and torch.equal(factors, torch.tensor(SD3_LATENT_RGB))
+    assert torch.equal(bias, torch.tensor(SD3_LATENT_RGB_BIAS))
+    preview = CheapPreview(pipe, use_taesd=False)(torch.zeros(1, 16, 8, 8), step=1)
+    assert not preview.exact and "preview" in preview.label
+    assert (preview.image[0, 0] == np.round((np.array(SD3_LATENT_RGB_BIAS) / 2 + 0.5) * 255)).all()
+    AutoencoderTiny(latent_channels=16, encoder_block_out_channels=(8, 8, 8, 8),
+                    decoder_block_out_channels=(8, 8, 8, 8)).save_pretrained(tmp_path / "taesd3")
+    monkeypatch.setenv("VISUALIZER_TAESD3", str(tmp_path / "taesd3"))
+    assert load_taesd(torch.device("cpu"), "sd3") is not None
