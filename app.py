@@ -19,7 +19,8 @@ def is_loopback(host: str) -> bool:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default="embedded", help="default model: embedded, sd15, sd21, sd-turbo, sdxl, sdxl-turbo, a folder or hub id")
+    parser.add_argument("--model", default="embedded",
+                        help="default model: embedded, sd15, sd21, sd-turbo, sdxl, sdxl-turbo, sd3.5-medium, a folder or hub id")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--share", action="store_true", help="a public gradio.live link")

@@ -24,7 +24,7 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
     """Flags for every Settings field; an absent flag takes the Settings default."""
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt")
-    p.add_argument("--model", help="embedded (default), sd15, sd21, sd-turbo, sdxl, sdxl-turbo, a folder or a hub id")
+    p.add_argument("--model", help="embedded (default), sd15, sd21, sd-turbo, sdxl, sdxl-turbo, sd3.5-medium, a folder or a hub id")
     p.add_argument("--steps", help="sampler steps (default 25)")
     p.add_argument("--guidance", help="classifier-free guidance scale (default 5.0)")
     p.add_argument("--seed", help="default 0")

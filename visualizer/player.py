@@ -21,6 +21,8 @@ Props (all plain JSON):
 """
 from __future__ import annotations
 
+import math
+
 TEMPLATE = """
 <div class="vp" tabindex="-1">
   <div class="vp-bar" role="progressbar" aria-label="Run progress"><div class="vp-bar-fill"></div></div>
@@ -335,7 +337,7 @@ function numbers(p) {
   const rows = cells().map(cell => {
     const s = (cell.steps || [])[indexFor(cell, p)];
     if (!s) return '';
-    const snr = s.sigma > 0 ? 1 / (s.sigma * s.sigma) : Infinity;
+    const snr = s.snr == null ? Infinity : s.snr;  // null: sigma 0 (no noise)
     return `<tr><td>${cell.label}</td><td>${s.index === 0 ? 'start' : `${s.index} / ${cell.total - (cell.start ? 1 : 0)}`}</td><td>${fmt(s.t, 1)}</td><td>${fmt(s.sigma, 4)}</td>` +
       `<td>${snr === Infinity ? '∞' : snr.toPrecision(4)}</td><td>${(s.share * 100).toFixed(1)}%</td><td>${s.evals}</td></tr>`;
   }).join('');
@@ -440,4 +442,4 @@ sync();
 def step_props(step) -> dict:
     """A run.Step as the player's per-step numbers."""
     return {"index": step.index, "t": step.timestep, "sigma": step.sigma, "share": step.noise_share,
-            "evals": step.evaluations}
+            "snr": step.snr if math.isfinite(step.snr) else None, "evals": step.evaluations}
