@@ -190,3 +190,20 @@ def test_sd3_previews_use_sd3_latent_colours_and_taesd3(sd3, tmp_path, monkeypat
                     decoder_block_out_channels=(8, 8, 8, 8)).save_pretrained(tmp_path / "taesd3")
     monkeypatch.setenv("VISUALIZER_TAESD3", str(tmp_path / "taesd3"))
     assert load_taesd(torch.device("cpu"), "sd3") is not None
+
+
+def test_the_apps_sampler_menus_offer_only_the_samplers_that_fit_the_model(sd3, tmp_path):
+    from visualizer.models import family_of_reference
+    from visualizer.samplers import valid_for
+    from visualizer.ui_handlers import App, AppConfig
+
+    folder, _ = sd3
+    assert family_of_reference(folder).key == "sd3" and family_of_reference("sd3.5-medium").key == "sd3"
+    app = App(AppConfig(output_dir=tmp_path, example_dir=None))
+    menu = app.sampler_choices(folder, "DDIM")  # DDIM does not fit a flow model: the menu falls back to Euler
+    assert menu["choices"] == valid_for("flow") and menu["value"] == "Euler"
+    grid = app.sampler_choices(folder, ["Euler", "DDIM", "Heun"])
+    assert grid["value"] == ["Euler", "Heun"]
+    back = app.sampler_choices("embedded", "Heun")  # back to an SD model: all 15, the pick kept
+    assert len(back["choices"]) == 15 and back["value"] == "Heun"
+    assert app.sampler_choices("/no/such/folder", "Euler") == {"__type__": "update"}  # gr.skip(): left as it is

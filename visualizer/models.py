@@ -124,6 +124,28 @@ class _PipelineCache:
             return pipe
 
 
+ALIAS_FAMILIES = {"sd3.5-medium": "sd3", "sdxl": "sdxl", "sdxl-turbo": "sdxl"}  # aliases not of SD 1.x / 2.x
+
+
+def family_of_reference(reference: str | None) -> StableDiffusion:
+    """The family adapter of a model reference, read without loading it or touching the network: an alias's
+    known family, a local folder's model_index.json, a hub id's cached one; SD 1.x / 2.x when it cannot be
+    told. Raises ModelLoadError for a reference resolve() refuses."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    ref = resolve(reference)
+    if ref.name in ALIAS_FAMILIES:
+        return BY_KEY[ALIAS_FAMILIES[ref.name]]
+    if ref.is_local:
+        return _check_family(ref.name, _pipeline_class(ref.name, Path(ref.source, INDEX)))
+    try:
+        index = Path(hf_hub_download(ref.source, INDEX, local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        return BY_KEY["sd"]
+    return _check_family(ref.name, _pipeline_class(ref.name, index))
+
+
 def _load(ref: ModelRef, device: torch.device, dtype: torch.dtype):
     from diffusers.utils import logging as diffusers_logging
     from huggingface_hub import hf_hub_download

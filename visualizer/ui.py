@@ -237,6 +237,9 @@ def build(config: AppConfig) -> gr.Blocks:
                          api_visibility="private")
         t_button.click(playground.run, [t_pattern, t_samplers, t_steps, t_seed, t_label, t_guidance, t_points], t_play,
                        api_name="toy", show_progress="hidden")
+        model.change(app.sampler_choices, [model, sampler], sampler, api_visibility="private", show_progress="hidden")
+        c_model.change(app.sampler_choices, [c_model, c_samplers], c_samplers, api_visibility="private",
+                       show_progress="hidden")
         frame_button.click(app.show_step, [run_id, api_step, api_view], [api_frame, api_label], api_name="frame")
         grid_button.click(app.show_grid, [c_run_id, api_progress, api_view], api_grid, api_name="grid_frame")
         insight_button.click(app.insight, [run_id, api_step],

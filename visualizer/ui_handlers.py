@@ -23,9 +23,10 @@ from .demo_model import scenes
 from .errors import SettingsError, VisualizerError, user_message
 from .export import export_grid, export_run, upscale
 from .frame_files import RunFiles
-from .models import ALIASES, EMBEDDED
+from .models import ALIASES, EMBEDDED, family_of_reference
 from .player import step_props
 from .run import Run, Settings
+from .samplers import valid_for
 from .store import RunStore
 
 log = logging.getLogger("visualizer")
@@ -242,6 +243,19 @@ class App:
             raise _user_error(error) from error
         picture, summary = image_map.seeds_map(runs)
         return upscale(picture, 360), f"Seeds {first.seed}–{first.seed + count - 1}. {summary}"
+
+    def sampler_choices(self, model, picked):
+        """The sampler menu for `model`: only the samplers that fit its family; `picked` (one name, or a list for
+        the comparison) is kept where it fits. A model that cannot be told leaves the menu as it is (Generate
+        will say what is wrong with it)."""
+        try:
+            names = valid_for(family_of_reference(_check_model(model, self.config)).sampler_kind)
+        except (VisualizerError, gr.Error):
+            return gr.skip()
+        if isinstance(picked, list):
+            kept = [name for name in picked if name in names]
+            return gr.update(choices=names, value=kept if len(kept) >= 2 else names[:max(2, len(kept))])
+        return gr.update(choices=names, value=picked if picked in names else names[0])
 
     def stop(self, request: gr.Request = None):
         """Ask this browser session's running generation to stop after the current step."""
