@@ -6,7 +6,6 @@ import re
 import sys
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
 from .errors import SettingsError, VisualizerError, user_message
@@ -243,10 +242,9 @@ def cmd_toy(args) -> None:
     runs = toy.sample([toy.ToySettings(sampler=s, **given) for s in samplers])
     folders = [runs[0].save(args.out)] if len(runs) == 1 else [r.save(args.out / slug(r.settings.sampler)) for r in runs]
     written = toy_render.export(runs, args.out, [f for f in ("gif", "mp4") if getattr(args, f)], fps=args.fps)
-    pattern = toy.sample_pattern(runs[0].settings.pattern, 4000, seed=1)[0]
     for r in runs:
-        ratio = np.median(toy.nearest(r.points[-1], pattern)[0]) / np.median(toy.nearest(r.points[0], pattern)[0])
-        print(f"{r.settings.sampler}: median distance to the pattern {ratio:.1%} of the noise's after {len(r)} steps")
+        print(f"{r.settings.sampler}: median distance to the pattern {toy.distance_ratio(r):.1%} of the noise's after "
+              f"{len(r)} steps")
     print(f"-> {', '.join(str(f) for f in folders)} (run.json, points.npy, x0.npy, field.npy, pattern.npy)"
           f"{''.join(', ' + str(p) for p in written.values())}")
 

@@ -90,6 +90,14 @@ def sample_pattern(name: str, n: int, seed: int = 0) -> tuple[np.ndarray, np.nda
     return points.astype(np.float32), labels
 
 
+REFERENCE_POINTS = 4000  # points of a pattern that distances to it and clusters on it are measured against
+
+
+def reference_pattern(name: str) -> tuple[np.ndarray, np.ndarray]:
+    """The fixed sample of pattern `name` (and its labels) that runs are measured against."""
+    return sample_pattern(name, REFERENCE_POINTS, seed=1)
+
+
 def nearest(points: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For each of `points` [n, 2]: the distance to the nearest of `reference` [m, 2], and its index."""
     d = np.linalg.norm(points[:, None, :] - reference[None, :, :], axis=-1)
@@ -263,7 +271,7 @@ def sample(settings_list: list[ToySettings], folder: Path = TOY_DIR) -> list[Toy
         x0 = torch.cat(loop.captured["x0"]).numpy()
         runs.append(ToyRun(settings=s, steps=loop.steps, points=points, x0=x0, grid=field_grid(),
                            field=_field(model, loop, label, s.guidance_scale), scheduler=type(scheduler).__name__,
-                           evaluations=loop.evaluations, pattern=sample_pattern(s.pattern, 4000, seed=1)[0]))
+                           evaluations=loop.evaluations, pattern=reference_pattern(s.pattern)[0]))
     return runs
 
 
@@ -277,6 +285,17 @@ def _field(model: Denoiser, loop: SamplerLoop, label: int | None, scale: float) 
         eps = _evaluate(model, grid, torch.tensor(step.timestep), label, scale)[0]
         out.append(predictions(grid, eps, step.sigma, "epsilon")[0])
     return torch.stack(out).numpy()
+
+
+def distance_ratio(run: ToyRun) -> float:
+    """Median distance of the final points to the pattern, over that of the initial noise."""
+    return float(np.median(nearest(run.points[-1], run.pattern)[0]) / np.median(nearest(run.points[0], run.pattern)[0]))
+
+
+def final_clusters(run: ToyRun) -> np.ndarray:
+    """[n] the cluster label (an index into the pattern's labels; 0 without labels) each point ends nearest."""
+    pattern, labels = reference_pattern(run.settings.pattern)
+    return labels[nearest(run.points[-1], pattern)[1]]
 
 
 def run(settings: ToySettings | None = None, **changes) -> ToyRun:

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .export import caption_frame, grid, save_gif, save_mp4
-from .toy import PATTERNS, VIEW_RADIUS, ToyRun, nearest, sample_pattern
+from .toy import PATTERNS, VIEW_RADIUS, ToyRun, final_clusters
 
 SIZE = 360  # pixels per side
 BACKGROUND = (20, 20, 24)
@@ -33,8 +33,7 @@ def point_colors(run: ToyRun) -> np.ndarray:
     """[n, 3] uint8: each point's colour from where it ends: its cluster, else its angle around the centre."""
     final = run.points[-1]
     if PATTERNS[run.settings.pattern][1]:
-        pattern, labels = sample_pattern(run.settings.pattern, 4000, seed=1)
-        return np.array(CLUSTER_COLORS, np.uint8)[labels[nearest(final, pattern)[1]]]
+        return np.array(CLUSTER_COLORS, np.uint8)[final_clusters(run)]
     hue = (np.arctan2(final[:, 1], final[:, 0]) / (2 * np.pi)) % 1.0
     return np.array([[int(255 * c) for c in colorsys.hsv_to_rgb(h, 0.65, 1.0)] for h in hue], np.uint8)
 

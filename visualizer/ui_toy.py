@@ -84,12 +84,10 @@ class Playground:
 
 def _status(runs: list[toy.ToyRun]) -> str:
     s = runs[0].settings
-    pattern, labels = toy.sample_pattern(s.pattern, 4000, seed=1)
-    distance = np.median(toy.nearest(runs[0].points[-1], pattern)[0]) / np.median(
-        toy.nearest(runs[0].points[0], pattern)[0])
+    distance = toy.distance_ratio(runs[0])
     asked = ""
     if s.label is not None:
-        share = np.mean(labels[toy.nearest(runs[0].points[-1], pattern)[1]] == s.label_index)
+        share = np.mean(toy.final_clusters(runs[0]) == s.label_index)
         asked = f"; {share:.0%} ended on the {s.label}"
     return (f"{s.points} points, {len(runs[0])} steps: the median distance to the pattern fell to {distance:.0%} of the "
             f"noise's{asked}. Click a point to trace its path.")
