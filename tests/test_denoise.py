@@ -198,3 +198,28 @@ def test_config_surprises_are_said_in_plain_words(tiny_model, tiny_pipe):
     trailing = swapped(tiny_pipe, DDIMScheduler.from_config(MINIMAL_CONFIGS["ddim-trailing"]))
     run = generate(settings(tiny_model, "DDIM"), trailing)
     assert run.steps[0].timestep == 999 and "spaced 'trailing'" in pipeline_stages(run)
+
+
+def test_lcm_checkpoints_take_guidance_as_an_input_and_show_each_of_their_steps(tiny_pipe, tmp_path):
+    """An LCM-distilled UNet (time_cond_proj_dim) gets the guidance scale as an embedding, with no CFG branch,
+    as StableDiffusionPipeline gives it; each of its few steps is a frame."""
+    from diffusers import LCMScheduler, UNet2DConditionModel
+
+    from visualizer.models import load_pipeline
+
+    torch.manual_seed(0)
+    lcm = StableDiffusionPipeline(**{**tiny_pipe.components,
+                                     "unet": UNet2DConditionModel.from_config(tiny_pipe.unet.config, time_cond_proj_dim=16),
+                                     "scheduler": LCMScheduler.from_config(tiny_pipe.scheduler.config)})
+    lcm.save_pretrained(tmp_path / "lcm")
+    pipe = load_pipeline(str(tmp_path / "lcm"))
+    runs = {g: generate(settings(str(tmp_path / "lcm"), "LCM", steps=4, guidance_scale=g), pipe) for g in (1.5, 8.0)}
+    run = runs[8.0]
+    assert len(run) == 4 and run.info.unet_evaluations == 4 and len(run.steps) == 4
+    assert "eps_cond" not in run.tensors and run.info.guidance == "distilled"
+    assert not torch.allclose(run.tensors["latents"][-1], runs[1.5].tensors["latents"][-1], atol=1e-4)
+    reference = swapped(pipe, LCMScheduler.from_config(pipe.scheduler.config))
+    theirs = reference(PROMPT, num_inference_steps=4, guidance_scale=8.0, generator=torch.Generator().manual_seed(11),
+                       output_type="np").images[0]
+    mine = vae_decode(pipe.vae, run.tensors["latents"][-1:])[0].astype(np.float32) / 255
+    assert np.abs(mine - theirs).max() <= 2 / 255

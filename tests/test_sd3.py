@@ -6,8 +6,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from diffusers import (DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler,
-                       StableDiffusion3Pipeline, UniPCMultistepScheduler)
+from diffusers import (DEISMultistepScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler,
+                       FlowMatchHeunDiscreteScheduler, StableDiffusion3Pipeline, UniPCMultistepScheduler)
 
 from visualizer import api
 from visualizer.decode import SD3_LATENT_RGB, SD3_LATENT_RGB_BIAS, CheapPreview, latent_rgb_factors, vae_decode
@@ -31,6 +31,8 @@ REFERENCE_SCHEDULERS = {
     "DPM++ 2M": lambda config: DPMSolverMultistepScheduler.from_config(
         config, use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=SHIFT),
     "UniPC": lambda config: UniPCMultistepScheduler.from_config(
+        config, use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=SHIFT),
+    "DEIS": lambda config: DEISMultistepScheduler.from_config(
         config, use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=SHIFT),
 }
 
@@ -132,7 +134,12 @@ def test_api_run_end_to_end_saves_and_loads(sd3, tmp_path):
                   "16 latent channels", "+ 0.0609", "shift=3.0"):
         assert words in stages, words
     assert "SNR | noise share" in step_numbers(run, 0) and "| 0 | 100.0% |" in step_numbers(run, 0)
-    assert api.guidance_breakdown(run, 1) is None  # not for flow runs yet (insight.guidance_breakdown)
+    parts = api.guidance_breakdown(run, 1)  # the branches' own x0-hat, captured for flow runs
+    assert set(parts) == {"uncond", "cond", "guided", "added"} and parts["guided"].shape == (32, 32, 3)
+    assert (parts["guided"] == run.frames["x0"][1]).all()  # the guided x0-hat is the step's x0-hat frame
+    t, sigma, scale = run.tensors, run.steps[1].sigma, run.settings.guidance_scale
+    v_cond, v_uncond = ((t["x_in"][1] - t[f"x0_{b}"][1]) / sigma for b in ("cond", "uncond"))
+    assert torch.allclose(t["x0_uncond"][1] - sigma * scale * (v_cond - v_uncond), t["x0"][1], atol=1e-4)  # CFG on v
     forward = api.forward_noising(run)
     assert len(forward) == 4 and forward[0].shape == (32, 32, 3)
     loaded = Run.load(run.save(tmp_path / "run"))
@@ -142,12 +149,12 @@ def test_api_run_end_to_end_saves_and_loads(sd3, tmp_path):
 
 def test_a_sampler_that_does_not_fit_sd3_names_the_valid_ones(sd3):
     folder, pipe = sd3
-    assert valid_for("flow") == list(FLOW_SAMPLERS) == ["Euler", "Heun", "DPM++ 2M", "UniPC"]
+    assert valid_for("flow") == list(FLOW_SAMPLERS) == ["Euler", "Heun", "DPM++ 2M", "UniPC", "DEIS"]
     with pytest.raises(UnknownSamplerError) as error:
         generate(settings(folder, "DDIM"), pipe)
     message = str(error.value)
     assert "DDIM" in message and "flow-matching models (SD 3)" in message
-    assert "Euler, Heun, DPM++ 2M, UniPC" in message
+    assert "Euler, Heun, DPM++ 2M, UniPC, DEIS" in message
     assert make_scheduler("DPM++ 2M", pipe.scheduler.config, "flow").config.flow_shift == SHIFT
     assert type(make_scheduler("Euler", pipe.scheduler.config, "flow")).__name__ == "FlowMatchEulerDiscreteScheduler"
 

@@ -3,7 +3,7 @@
 - `vae_decode`: the exact frame, through the model's own VAE (batched, fp32); its config says how the latents
   are scaled: decoded = decoder(latents / scaling_factor + shift_factor) (shift_factor: SD 3; 0 before).
 - `latent_preview`: a cheap linear latent -> RGB approximation, for live previews only.
-- `load_taesd`: the tiny TAESD (TAESDXL for SDXL, TAESD3 for SD 3) decoder when its weights are on this machine
+- `load_taesd`: the tiny TAESD (TAESDXL for SDXL, TAESD3 for SD 3, TAEF1 for Flux) decoder when its weights are on this machine
   (previews, labelled so).
 - `StreamingDecoder`: exact frames of every step, decoded in batches while the run goes.
 - `CheapPreview`: a labelled TAESD or latent-colour preview, for when no exact frame exists yet.
@@ -34,11 +34,17 @@ SD3_LATENT_RGB = [  # 16 latent channels
     [-0.0194, 0.0020, 0.0669], [-0.0488, 0.0130, -0.0268], [0.0922, 0.0988, 0.0951], [-0.0278, 0.0524, -0.0542],
     [0.0332, 0.0456, 0.0895], [-0.0069, -0.0030, -0.0810], [-0.0596, -0.0465, -0.0293], [-0.1448, -0.1463, -0.1189]]
 SD3_LATENT_RGB_BIAS = [0.2394, 0.2135, 0.1925]
+FLUX_LATENT_RGB = [  # 16 latent channels
+    [-0.0346, 0.0244, 0.0681], [0.0034, 0.0210, 0.0687], [0.0275, -0.0668, -0.0433], [-0.0174, 0.0160, 0.0617],
+    [0.0859, 0.0721, 0.0329], [0.0004, 0.0383, 0.0115], [0.0405, 0.0861, 0.0915], [-0.0236, -0.0185, -0.0259],
+    [-0.0245, 0.0250, 0.1180], [0.1008, 0.0755, -0.0421], [-0.0515, 0.0201, 0.0011], [0.0428, -0.0012, -0.0036],
+    [0.0817, 0.0765, 0.0749], [-0.1264, -0.0522, -0.1103], [-0.0280, -0.0881, -0.0499], [-0.1262, -0.0982, -0.0778]]
+FLUX_LATENT_RGB_BIAS = [-0.0329, -0.0718, -0.0851]
 LATENT_RGB = {"sd": (SD15_LATENT_RGB, [0.0, 0.0, 0.0]), "sdxl": (SDXL_LATENT_RGB, SDXL_LATENT_RGB_BIAS),
-              "sd3": (SD3_LATENT_RGB, SD3_LATENT_RGB_BIAS)}  # by family
+              "sd3": (SD3_LATENT_RGB, SD3_LATENT_RGB_BIAS), "flux": (FLUX_LATENT_RGB, FLUX_LATENT_RGB_BIAS)}  # by family
 # by family: the environment variable naming a TAESD folder or hub id, and its default
 TAESD = {"sd": ("VISUALIZER_TAESD", "madebyollin/taesd"), "sdxl": ("VISUALIZER_TAESDXL", "madebyollin/taesdxl"),
-         "sd3": ("VISUALIZER_TAESD3", "madebyollin/taesd3")}
+         "sd3": ("VISUALIZER_TAESD3", "madebyollin/taesd3"), "flux": ("VISUALIZER_TAEF1", "madebyollin/taef1")}
 LATENT_RGB_FILE = "latent_rgb.json"  # optional, in a model folder: {"factors": channels x 3, "bias": 3}
 # On a CPU, batching VAE decodes pays up to about this many output pixels per batch; beyond it a batch is
 # slower per frame than one frame at a time (measured: SD 1.5 VAE at 256x256, 2.5 s per frame alone,
@@ -246,7 +252,7 @@ def _taesd(device, family: str):
 
 
 class CheapPreview:
-    """A labelled preview of latents that costs little: TAESD (TAESDXL, TAESD3 by family) where its weights are on this
+    """A labelled preview of latents that costs little: TAESD (TAESDXL, TAESD3, TAEF1 by family) where its weights are on this
     machine, else the linear latent -> RGB fit. Not an exact frame: callers show its label."""
 
     def __init__(self, pipe, use_taesd: bool = True):

@@ -3,10 +3,10 @@
 diffusers' step callback never sees x0-hat or the noise predictions, so this module runs the loop
 itself (encode prompt, draw noise, scale_model_input, denoiser, CFG, scheduler.step), exactly as
 `StableDiffusionPipeline.__call__` (or the family's own pipeline: families.py adapts the prompt encoding and
-the denoiser call: a UNet, or SD 3's transformer) does, and records per step: the latents after the step,
+the denoiser call: a UNet, or the SD 3 and Flux transformers) does, and records per step: the latents after the step,
 x0-hat, the guided noise prediction and its conditional / unconditional parts.
 
-Flow-matching models (SD 3) output a velocity v on x_t = (1 - sigma) x0 + sigma * noise with sigma in [0, 1]:
+Flow-matching models (SD 3, Flux) output a velocity v on x_t = (1 - sigma) x0 + sigma * noise with sigma in [0, 1]:
 their latents are x_t as they are, x0-hat = x_t - sigma * v and the noise = x_t + (1 - sigma) * v.
 
 Several samplers run in lockstep: each round stacks every active sampler's next model input into
@@ -70,6 +70,8 @@ class _Pending:
     eps: torch.Tensor
     eps_cond: torch.Tensor | None = None
     eps_uncond: torch.Tensor | None = None
+    x0_cond: torch.Tensor | None = None  # flow runs with CFG: each branch's x0-hat (not recoverable from its noise
+    x0_uncond: torch.Tensor | None = None  # estimate where sigma = 1)
     attention: dict[int, torch.Tensor] | None = None  # resolution -> [tokens, h_r, w_r], first evaluation's
     evaluations: int = 0
 
@@ -159,10 +161,14 @@ class SamplerLoop:
             x0, eps = predictions(self.x_in, model_output, sigma, self.prediction_type)
             if self.clip_range is not None:  # what the sampler itself uses (clip_sample)
                 x0 = x0.clamp(-self.clip_range, self.clip_range)
+            branches = {}
             if cond is not None:  # noise predictions whatever the model outputs (v models output v)
-                cond = predictions(self.x_in, cond, sigma, self.prediction_type)[1]
-                uncond = predictions(self.x_in, uncond, sigma, self.prediction_type)[1]
-            self.pending = _Pending(self.timesteps[self.position], sigma, self.x_in, x0, eps, cond, uncond, attention)
+                (x0_cond, cond), (x0_uncond, uncond) = (predictions(self.x_in, branch, sigma, self.prediction_type)
+                                                        for branch in (cond, uncond))
+                if self.flow:
+                    branches = dict(x0_cond=x0_cond, x0_uncond=x0_uncond)
+            self.pending = _Pending(self.timesteps[self.position], sigma, self.x_in, x0, eps, cond, uncond, **branches,
+                                    attention=attention)
         self.pending.evaluations += 1
         self.evaluations += 1
         self.latents = self.scheduler.step(model_output, t, self.latents, **self.step_kwargs, return_dict=False)[0]
@@ -188,6 +194,8 @@ class SamplerLoop:
                   "x_in": pending.x_in}
         if pending.eps_cond is not None:
             record.update(eps_cond=pending.eps_cond, eps_uncond=pending.eps_uncond)
+        if pending.x0_cond is not None:
+            record.update(x0_cond=pending.x0_cond, x0_uncond=pending.x0_uncond)
         if pending.attention is not None:
             hw = tuple(self.latents.shape[-2:])
             record["attention"] = combine(pending.attention, hw)[None]
@@ -222,10 +230,9 @@ def predictions(x_in: torch.Tensor, output: torch.Tensor, sigma, prediction_type
                         "flow_prediction are).")
 
 
-def _prompt_info(pipe, prompt: str) -> dict:
-    tokenizer = pipe.tokenizer
+def _prompt_info(family, pipe, prompt: str) -> dict:
+    tokenizer, limit = family.prompt_tokenizer(pipe)
     ids = tokenizer(prompt, truncation=False).input_ids
-    limit = tokenizer.model_max_length
     kept = ids[: limit - 1] + ([ids[-1]] if len(ids) > limit else [])
     dropped = tokenizer.decode(ids[limit - 1:-1]).strip() if len(ids) > limit else ""
     return {"tokens": len(ids), "token_limit": limit, "dropped_text": dropped,
@@ -268,8 +275,8 @@ def denoise_steps(settings_list: list[Settings], pipe=None,
     denoiser = family.denoiser(pipe)
     device = denoiser.device
     scale_factor = pipe.vae_scale_factor
-    height = first.height or denoiser.config.sample_size * scale_factor
-    width = first.width or denoiser.config.sample_size * scale_factor
+    height = first.height or family.default_size(pipe)
+    width = first.width or family.default_size(pipe)
     multiple = family.size_multiple(pipe)
     if height % multiple or width % multiple:
         w, h = (max(multiple, side // multiple * multiple) for side in (width, height))
@@ -277,17 +284,18 @@ def denoise_steps(settings_list: list[Settings], pipe=None,
                             f"{width}x{height}. Try {w}x{h}.")
     started = time.perf_counter()
     with torch.inference_mode():
-        distilled_guidance = denoiser.config.get("time_cond_proj_dim") is not None  # LCM: guidance is an input
-        any_cfg = any(s.guidance_scale > 1 and not distilled_guidance for s in settings_list)
+        guidance = family.guidance_kind(pipe)
+        cfg = guidance == "cfg"  # else the scale is an input of the model (LCM, Flux.1-dev) or unused (schnell)
+        any_cfg = cfg and any(s.guidance_scale > 1 for s in settings_list)
         conditioning = family.encode_prompt(pipe, first.prompt, first.negative_prompt, any_cfg, (height, width))
         dtype = conditioning.prompt_embeds.dtype
         posterior = None if first.init_image is None else _encode_image(pipe, first.init_image, height, width)
         loops = []
         for s in settings_list:
             scheduler = make_scheduler(s.sampler, pipe.scheduler.config, family.sampler_kind)
-            scheduler.set_timesteps(s.num_inference_steps, device=device)
+            shape = (1, *family.latent_shape(pipe, height, width))
+            family.set_timesteps(pipe, scheduler, s.num_inference_steps, device, shape[1:])
             generator = torch.Generator("cpu").manual_seed(s.seed)
-            shape = (1, denoiser.config.in_channels, height // scale_factor, width // scale_factor)
             skipped = 0
             if posterior is None:
                 noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
@@ -301,7 +309,7 @@ def denoise_steps(settings_list: list[Settings], pipe=None,
                     scheduler.set_begin_index(start)
                 latents = scheduler.add_noise(init_latents, noise, scheduler.timesteps[start:start + 1])
             loops.append(SamplerLoop(settings=s, scheduler=scheduler, latents=latents, generator=generator,
-                                      do_cfg=s.guidance_scale > 1 and not distilled_guidance, skipped_steps=skipped))
+                                      do_cfg=cfg and s.guidance_scale > 1, skipped_steps=skipped))
         initial_noise = noise
     recorder = AttentionRecorder(denoiser) if first.attention else None
     try:
@@ -319,7 +327,8 @@ def denoise_steps(settings_list: list[Settings], pipe=None,
         text_embedding_shape=list(conditioning.prompt_embeds.shape), latent_shape=list(initial_noise.shape),
         vae_scale_factor=scale_factor, image_size=[height, width],
         vae_scaling_factor=float(pipe.vae.config.scaling_factor), vae_shift_factor=shift_factor(pipe.vae),
-        seconds=round(time.perf_counter() - started, 3), lockstep_batch=len(loops), **_prompt_info(pipe, first.prompt),
+        seconds=round(time.perf_counter() - started, 3), lockstep_batch=len(loops), guidance=guidance,
+        **_prompt_info(family, pipe, first.prompt),
         **conditioning.facts)
     runs = [_to_run(loop, initial_noise, common) for loop in loops]
     if posterior is not None:
@@ -339,9 +348,8 @@ def _encode_image(pipe, image: np.ndarray, height: int, width: int):
 def _round(pipe, family, loops, conditioning, recorder: AttentionRecorder | None = None) -> list[StepEvent]:
     """One batched denoiser call for every active sampler, then each sampler's own step; the steps completed.
     With a recorder, the conditional rows of each sampler's first evaluation of a step are recorded."""
-    time_cond_dim = family.denoiser(pipe).config.get("time_cond_proj_dim")  # LCM's guidance embedding
     active = [i for i, loop in enumerate(loops) if not loop.done]
-    inputs, times, rows, conds = [], [], [], []
+    inputs, times, rows, scales = [], [], [], []
     for i in active:
         loop = loops[i]
         x_in, t = loop.model_input()
@@ -351,11 +359,8 @@ def _round(pipe, family, loops, conditioning, recorder: AttentionRecorder | None
         inputs += [x_in] * copies
         times += [t.float().reshape(1)] * copies
         rows += [False, True] if loop.do_cfg else [True]  # the negative branch first, as diffusers batches CFG
-        if time_cond_dim is not None:
-            w = torch.tensor([loop.settings.guidance_scale - 1.0])
-            cond = pipe.get_guidance_scale_embedding(w, embedding_dim=time_cond_dim)
-            conds += [cond.to(device=x_in.device, dtype=x_in.dtype)] * copies
-    extra = {"timestep_cond": torch.cat(conds)} if conds else {}
+        scales += [loop.settings.guidance_scale] * copies
+    extra = family.guidance_inputs(pipe, scales, inputs[0])
     output = family.predict(pipe, torch.cat(inputs), torch.cat(times), conditioning, rows, **extra)
     maps = recorder.collect(tuple(inputs[0].shape[-2:])) if recorder is not None else {}
     events, offset = [], 0

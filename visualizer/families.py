@@ -13,6 +13,13 @@ scaling: `latents / scaling_factor + shift_factor`, decode.py).
   hidden states, concatenated per token, zero-padded to T5's width) and T5's hidden states, concatenated
   along the tokens, enter the transformer's joint attention; the two CLIP pooled embeddings, concatenated, are
   its `pooled_projections`. 16 latent channels; the transformer outputs a velocity.
+- `Flux`: Flux.1 (Black Forest Labs 2024), a flow-matching MMDiT with double- and single-stream blocks. T5's hidden
+  states are the text tokens and CLIP's pooled embedding its `pooled_projections`; the latents enter as 2x2
+  patches packed into tokens (`_pack_latents`) with 3-axis position ids (`img_ids`, `txt_ids`), and the schedule
+  is shifted by the image's token count (`mu`, dynamic shifting). Flux.1-dev is guidance-distilled: the guidance
+  scale is an input of the transformer (`guidance`), with no unconditional branch; Flux.1-schnell ignores it.
+  The loop keeps the latents unpacked, [1, 16, h, w]: the scheduler's update is elementwise, so packing only
+  around the transformer call gives diffusers' numbers, and every view (x_t, x0-hat, latents) stays an image.
 """
 from __future__ import annotations
 
@@ -46,6 +53,7 @@ class StableDiffusion:
     pipelines = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")  # model_index.json classes it loads
     load_kwargs = dict(safety_checker=None, requires_safety_checker=False)  # this tool shows raw frames
     sampler_kind = "diffusion"  # which registry of samplers.REGISTRIES fits its models
+    guidance_label = "Guidance scale (CFG)"  # what the guidance slider means for its models
     img2img = True  # Settings.init_image runs (denoise.py)
     word_maps = True  # Settings.attention runs (attention.py records UNet cross-attention)
 
@@ -75,6 +83,38 @@ class StableDiffusion:
         """Image width and height must be multiples of this: the VAE's downsampling factor."""
         return pipe.vae_scale_factor
 
+    def default_size(self, pipe) -> int:
+        """The image side the model was trained at (its pipeline's default height and width)."""
+        return self.denoiser(pipe).config.sample_size * pipe.vae_scale_factor
+
+    def latent_shape(self, pipe, height: int, width: int) -> tuple[int, int, int]:
+        """(channels, h, w) of the latents of a height x width image, as the loop keeps them."""
+        return (self.denoiser(pipe).config.in_channels, height // pipe.vae_scale_factor,
+                width // pipe.vae_scale_factor)
+
+    def set_timesteps(self, pipe, scheduler, steps: int, device, latent_shape: tuple[int, int, int]) -> None:
+        """Set `scheduler`'s schedule of `steps` steps as the family's pipeline does."""
+        scheduler.set_timesteps(steps, device=device)
+
+    def guidance_kind(self, pipe) -> str:
+        """What a guidance scale means for this model (RunInfo.guidance): "cfg", classifier-free guidance (a
+        negative branch every step); "distilled", an input of the model (LCM checkpoints' time_cond_proj_dim);
+        "none", unused."""
+        return "cfg" if self.denoiser(pipe).config.get("time_cond_proj_dim") is None else "distilled"
+
+    def guidance_inputs(self, pipe, scales: list[float], like: torch.Tensor) -> dict:
+        """Denoiser keywords carrying each batch row's guidance scale, for models that take it as an input:
+        LCM's guidance embedding of w = scale - 1 (timestep_cond); {} for the others. `like`: the device and dtype."""
+        dim = self.denoiser(pipe).config.get("time_cond_proj_dim")
+        if dim is None:
+            return {}
+        embedding = pipe.get_guidance_scale_embedding(torch.tensor(scales) - 1.0, embedding_dim=dim)
+        return {"timestep_cond": embedding.to(device=like.device, dtype=like.dtype)}
+
+    def prompt_tokenizer(self, pipe) -> tuple:
+        """(tokenizer, token limit) of the encoder whose per-token states condition the denoiser."""
+        return pipe.tokenizer, pipe.tokenizer.model_max_length
+
     def encode_prompt(self, pipe, prompt: str, negative_prompt: str, do_cfg: bool,
                       size: tuple[int, int]) -> Conditioning:
         """Conditioning of `prompt` (and, with CFG, of `negative_prompt`; "" = the empty prompt) for a
@@ -90,7 +130,7 @@ class StableDiffusion:
     def predict(self, pipe, latents: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning,
                 rows: list[bool], **extra) -> torch.Tensor:
         """One batched denoiser call: model inputs [B, C, h, w], per-row timesteps [B], rows as in unet_kwargs;
-        `extra` keywords (LCM's timestep_cond) go to the network as they are."""
+        `extra` keywords (guidance_inputs) go to the network as they are."""
         return pipe.unet(latents, timesteps, return_dict=False, **extra, **self.unet_kwargs(conditioning, rows))[0]
 
 
@@ -180,7 +220,91 @@ class StableDiffusion3(StableDiffusion):
                                 return_dict=False, **extra)[0]
 
 
-BY_KEY = {family.key: family for family in (StableDiffusion(), StableDiffusionXL(), StableDiffusion3())}
+class Flux(StableDiffusion3):
+    """Flux.1 dev and schnell (`FluxPipeline`)."""
+    key = "flux"
+    name = "Flux.1"
+    pipelines = ("FluxPipeline",)
+    sampler_kind = "flux"
+    guidance_label = "Guidance scale (Flux: an input of the model, no CFG branch; schnell ignores it)"
+    max_sequence_length = 512  # FluxPipeline's default T5 token count
+
+    def pipeline_class(self):
+        from diffusers import FluxPipeline
+
+        return FluxPipeline
+
+    def check(self, pipe) -> None:
+        """Every Flux.1 model runs (its dynamic shifting is the family's own schedule)."""
+
+    def check_settings(self, settings) -> None:
+        super().check_settings(settings)
+        if settings.negative_prompt:
+            raise SettingsError("Flux.1 has no unconditional branch, so a negative prompt has no effect (it needs "
+                                "true CFG, which this version does not run). Clear the negative prompt.")
+
+    def size_multiple(self, pipe) -> int:
+        """The VAE's factor times 2: a 2x2 patch of latents is one image token."""
+        return pipe.vae_scale_factor * 2
+
+    def default_size(self, pipe) -> int:
+        return pipe.default_sample_size * pipe.vae_scale_factor
+
+    def latent_shape(self, pipe, height: int, width: int) -> tuple[int, int, int]:
+        """Unpacked: the transformer's in_channels are 4 latent channels per 2x2 patch."""
+        return (self.denoiser(pipe).config.in_channels // 4, height // pipe.vae_scale_factor,
+                width // pipe.vae_scale_factor)
+
+    def set_timesteps(self, pipe, scheduler, steps: int, device, latent_shape: tuple[int, int, int]) -> None:
+        """FluxPipeline's schedule: sigmas 1 .. 1/steps, shifted by mu of the image's token count (a solver on
+        flow sigmas makes its own and takes only mu)."""
+        import numpy as np
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+
+        config = scheduler.config
+        sigmas = None if config.get("use_flow_sigmas") else np.linspace(1.0, 1 / steps, steps)
+        tokens = (latent_shape[1] // 2) * (latent_shape[2] // 2)
+        mu = calculate_shift(tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                             config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+        retrieve_timesteps(scheduler, steps, device, sigmas=sigmas, mu=mu)
+
+    def guidance_kind(self, pipe) -> str:
+        """Never CFG: dev's guidance is distilled into the transformer (an input); schnell has none."""
+        return "distilled" if pipe.transformer.config.guidance_embeds else "none"
+
+    def guidance_inputs(self, pipe, scales: list[float], like: torch.Tensor) -> dict:
+        """Flux.1-dev's distilled guidance: the scale itself, per row (float32, as FluxPipeline passes it)."""
+        if not pipe.transformer.config.guidance_embeds:
+            return {}
+        return {"guidance": torch.tensor(scales, dtype=torch.float32, device=like.device)}
+
+    def prompt_tokenizer(self, pipe) -> tuple:
+        return pipe.tokenizer_2, self.max_sequence_length
+
+    def encode_prompt(self, pipe, prompt: str, negative_prompt: str, do_cfg: bool,
+                      size: tuple[int, int]) -> Conditioning:
+        embeds, pooled, _ = pipe.encode_prompt(prompt, None, device=pipe.transformer.device, num_images_per_prompt=1,
+                                               max_sequence_length=self.max_sequence_length)
+        facts = {"family": self.key, "pooled_embedding_shape": list(pooled.shape)}
+        return Conditioning({"prompt_embeds": embeds, "pooled_projections": pooled}, None, facts)
+
+    def predict(self, pipe, latents: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning,
+                rows: list[bool], **extra) -> torch.Tensor:
+        """Pack [B, C, h, w] into [B, h/2 * w/2, 4C] tokens, call the transformer (timesteps / 1000), unpack."""
+        batch, channels, h, w = latents.shape
+        embeds = conditioning.stack("prompt_embeds", rows)
+        output = pipe.transformer(
+            hidden_states=pipe._pack_latents(latents, batch, channels, h, w),
+            timestep=timesteps.to(latents.dtype) / 1000, guidance=extra.get("guidance"),
+            pooled_projections=conditioning.stack("pooled_projections", rows), encoder_hidden_states=embeds,
+            txt_ids=torch.zeros(embeds.shape[1], 3, device=latents.device, dtype=embeds.dtype),
+            img_ids=pipe._prepare_latent_image_ids(batch, h // 2, w // 2, latents.device, latents.dtype),
+            return_dict=False)[0]
+        return pipe._unpack_latents(output, h * pipe.vae_scale_factor, w * pipe.vae_scale_factor,
+                                    pipe.vae_scale_factor)
+
+
+BY_KEY = {family.key: family for family in (StableDiffusion(), StableDiffusionXL(), StableDiffusion3(), Flux())}
 BY_PIPELINE = {pipeline: family for family in BY_KEY.values() for pipeline in family.pipelines}
 
 

@@ -166,19 +166,23 @@ def guidance_breakdown(run, index: int, vae) -> dict[str, np.ndarray] | None:
 
     Returns uint8 images: 'uncond' and 'cond' are the decoded x0-hat each branch implies, 'guided' the
     decoded x0-hat of guided = uncond + scale * (cond - uncond), 'added' a heatmap of |scale * (cond - uncond)|
-    in latent space. None when the run used no classifier-free guidance, and for flow-matching runs (SD 3): a
-    branch's x0-hat cannot be recovered from its noise estimate at sigma = 1, and the branches' own x0-hat are
-    not captured yet.
+    in latent space (flow-matching runs: of scale * (v_cond - v_uncond), the velocities, v = noise - x0-hat). None
+    when the run used no classifier-free guidance (Flux: none; its guidance is an input of the model).
     """
     t = run.tensors
-    if "eps_cond" not in t or run.steps[index].flow:
+    if "eps_cond" not in t:
         return None
-    sigma = run.steps[index].sigma
-    x_in = t["x_in"][index:index + 1]
-    x0_uncond, _ = predictions(x_in, t["eps_uncond"][index:index + 1], sigma, "epsilon")
-    x0_cond, _ = predictions(x_in, t["eps_cond"][index:index + 1], sigma, "epsilon")
-    decoded = vae_decode(vae, torch.cat([x0_uncond, x0_cond, t["x0"][index:index + 1]]))
-    added = (run.settings.guidance_scale * (t["eps_cond"][index] - t["eps_uncond"][index])).norm(dim=0).numpy()
+    step = slice(index, index + 1)
+    if run.steps[index].flow:  # each branch's x0-hat is captured (denoise.py)
+        x0_uncond, x0_cond = t["x0_uncond"][step], t["x0_cond"][step]
+        difference = (t["eps_cond"][index] - x0_cond[0]) - (t["eps_uncond"][index] - x0_uncond[0])
+    else:
+        sigma = run.steps[index].sigma
+        x0_uncond, _ = predictions(t["x_in"][step], t["eps_uncond"][step], sigma, "epsilon")
+        x0_cond, _ = predictions(t["x_in"][step], t["eps_cond"][step], sigma, "epsilon")
+        difference = t["eps_cond"][index] - t["eps_uncond"][index]
+    decoded = vae_decode(vae, torch.cat([x0_uncond, x0_cond, t["x0"][step]]))
+    added = (run.settings.guidance_scale * difference).norm(dim=0).numpy()
     size = decoded.shape[1]
     added_image = np.asarray(Image.fromarray(heat(added)).resize((size, size), Image.Resampling.NEAREST))
     return {"uncond": decoded[0], "cond": decoded[1], "guided": decoded[2], "added": added_image}
@@ -191,16 +195,16 @@ def pipeline_stages(run) -> str:
     truncated = f" — **truncated**, ignored: “{i.dropped_text}”" if i.truncated else ""
     config = i.scheduler_config
     keys = ("timestep_spacing", "prediction_type", "use_karras_sigmas", "algorithm_type", "beta_schedule")
-    if i.family == "sd3":  # flow matching: the schedule's shift toward high noise
-        keys += ("shift", "use_flow_sigmas", "flow_shift")
+    flow = i.prediction_type == "flow_prediction"
+    if flow:  # flow matching: the schedule's shift toward high noise
+        keys += ("shift", "use_dynamic_shifting", "use_flow_sigmas", "flow_shift")
     settings = ", ".join(f"{k}={config[k]}" for k in keys if k in config)
     notes = "".join(f"\n   - {note}" for note in config_notes(config))
     h, w = i.image_size or ["?", "?"]
     cfg = "eps_cond" in run.tensors
-    sd3 = i.family == "sd3"
     start = (f"3. **Initial noise**: shape {i.latent_shape}, seed {run.settings.seed}, "
              + (f"{i.latent_shape[1]} latent channels; x_t = (1 - sigma) x0 + sigma * noise, so the noise "
-                "is x_t at sigma = 1 (flow matching)" if sd3 else
+                "is x_t at sigma = 1 (flow matching)" if flow else
                 f"scaled by init_noise_sigma = {i.init_noise_sigma:.3f}"))
     if i.img2img is not None:
         m = i.img2img
@@ -209,24 +213,40 @@ def pipeline_stages(run) -> str:
                  f"{run.settings.num_inference_steps} begins (strength {m.strength}); the first "
                  f"{m.skipped_steps} steps are skipped")
     denoiser = ("Transformer** (MMDiT: image patches and text tokens in joint attention; outputs a velocity "
-                "v, x0-hat = x_t - sigma * v)" if sd3 else "UNet**")
+                "v, x0-hat = x_t - sigma * v)" if flow else "UNet**")
+    if i.family == "flux":
+        denoiser = denoiser.replace("image patches", "2x2 latent patches packed into tokens, with position ids,")
     shift = f" + {i.vae_shift_factor:.4f}" if i.vae_shift_factor else ""
     return "\n".join([
-        f"1. **{'Tokenizers' if i.family in ('sdxl', 'sd3') else 'Tokenizer'}**: {i.tokens} tokens of at most "
-        f"{i.token_limit}{' (CLIP; T5 reads up to 256)' if sd3 else ''}{truncated}: `{shown}`",
+        f"1. **{'Tokenizers' if i.family != 'sd' else 'Tokenizer'}**: {i.tokens} tokens of at most "
+        f"{i.token_limit}{_TOKENIZER_NOTES.get(i.family, '')}{truncated}: `{shown}`",
         _text_encoders(run, cfg),
         start,
         f"4. **{denoiser}: {i.unet_evaluations} evaluations for {len(run)} steps, batch of {2 if cfg else 1} per "
-        f"evaluation{', in lockstep with other samplers' if i.lockstep_batch > 1 else ''}",
+        f"evaluation{', in lockstep with other samplers' if i.lockstep_batch > 1 else ''}{_GUIDANCE_NOTES[i.guidance]}",
         f"5. **Scheduler**: {i.scheduler} ({settings}){notes}",
         f"6. **VAE**: latents / {i.vae_scaling_factor:.4f}{shift}, upsampled x{i.vae_scale_factor} to a {w}x{h} image",
     ])
+
+
+_TOKENIZER_NOTES = {"sd3": " (CLIP; T5 reads up to 256)", "flux": " (T5; CLIP reads up to 77 for the pooled embedding)"}
+_GUIDANCE_NOTES = {  # what the guidance scale meant (RunInfo.guidance)
+    "cfg": "",
+    "distilled": "; the guidance scale is an **input** of the model (guidance-distilled): there is no unconditional "
+                 "branch, so no CFG breakdown",
+    "none": "; this model takes **no guidance** (the scale is ignored, as its pipeline ignores it)",
+}
 
 
 def _text_encoders(run, cfg: bool) -> str:
     """The text-encoder stage of pipeline_stages, for the run's model family."""
     i = run.info
     source = "negative" if run.settings.negative_prompt else "empty"
+    if i.family == "flux":
+        return (f"2. **Text encoders** (Flux): text_encoder_2 (T5) encodes the prompt into {i.text_embedding_shape[1]} "
+                f"token states, shape {i.text_embedding_shape}, the transformer's text tokens (txt_ids all zero); "
+                f"text_encoder (CLIP)'s **pooled embedding**, shape {i.pooled_embedding_shape}, enters beside the "
+                "timestep (pooled_projections). No negative prompt: Flux has no unconditional branch")
     if i.family == "sd3":
         return (f"2. **Text encoders** (SD 3): text_encoder and text_encoder_2 (CLIP) each encode the prompt; their "
                 "penultimate hidden states, concatenated per token and zero-padded to T5's width, are followed by "

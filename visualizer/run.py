@@ -203,12 +203,14 @@ class RunInfo:
     structure_step: int | None = None  # where structure appears (insight.structure_step)
     attention: dict | None = None  # with Settings.attention: {"tokens": the prompt's tokens, one per map,
     # "resolutions": the UNet resolutions of the per-resolution maps}
-    family: str = "sd"  # the model family (families.py): sd (1.x / 2.x; every bundle written before SDXL), sdxl, sd3
+    family: str = "sd"  # the model family (families.py): sd (1.x / 2.x; every bundle written before SDXL), sdxl, sd3, flux
     pooled_embedding_shape: list[int] | None = None  # SDXL: the second text encoder's pooled embedding; SD 3: both
     # CLIP encoders' pooled embeddings, concatenated (pooled_projections)
     time_ids: list[float] | None = None  # SDXL size conditioning: original h, w, crop top, left, target h, w
     vae_shift_factor: float = 0.0  # then added to them (SD 3's VAE; 0 for SD 1.x / 2.x and SDXL)
     zero_negative: bool = False  # SDXL force_zeros_for_empty_prompt: no negative prompt -> an all-zero uncond branch
+    guidance: str = "cfg"  # what guidance_scale meant (families.guidance_kind): cfg, distilled (an input of the
+    # model: LCM, Flux.1-dev) or none (Flux.1-schnell)
 
     @property
     def truncated(self) -> bool:
@@ -239,7 +241,8 @@ class Run:
     settings: Settings
     steps: list[Step]
     tensors: dict[str, torch.Tensor]  # per step [N, C, h, w] float32 CPU: latents, xt, x0, eps, x_in (the model
-    # input at the step's start)[, eps_cond, eps_uncond]; plus initial_noise [1, C, h, w][, init_latents]
+    # input at the step's start)[, eps_cond, eps_uncond[, x0_cond, x0_uncond (flow runs)]]; plus initial_noise
+    # [1, C, h, w][, init_latents]
     info: RunInfo
     frames: dict[str, list[np.ndarray]] = field(default_factory=dict)  # kind -> uint8 HxWx3 per step
     final_image: np.ndarray | None = None  # uint8 HxWx3, the decoded final latents

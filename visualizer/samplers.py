@@ -1,8 +1,9 @@
 """The sampler registry: the names people know -> a diffusers scheduler class and its overrides, per kind of model.
 
 Diffusion models (SD 1.x / 2.x, SDXL: noise or v prediction on a beta schedule) and flow-matching models
-(SD 3: a velocity on the straight path x_t = (1 - sigma) x0 + sigma * noise) need different schedulers, so
-each kind has its own registry (`SAMPLERS`, `FLOW_SAMPLERS`); a name means the same algorithm in both.
+(SD 3, Flux: a velocity on the straight path x_t = (1 - sigma) x0 + sigma * noise) need different schedulers, so
+each kind has its own registry (`SAMPLERS`, `FLOW_SAMPLERS`, `FLUX_SAMPLERS`); a name means the same algorithm
+in each. Flux shifts its schedule by the image size (`mu`), which FlowMatchHeun cannot take: Flux has no Heun.
 
 `make_scheduler` builds a fresh scheduler for every run (schedulers are stateful: never share one) from
 the model's own scheduler config, exactly as `Scheduler.from_config(pipe.scheduler.config)` does in
@@ -54,9 +55,12 @@ FLOW_SAMPLERS: dict[str, tuple[type[SchedulerMixin], Overrides]] = {  # for flow
     "Heun": (FlowMatchHeunDiscreteScheduler, {}),  # 2 model evaluations per step
     "DPM++ 2M": (DPMSolverMultistepScheduler, _flow_solver),  # Lu et al. 2022
     "UniPC": (UniPCMultistepScheduler, _flow_solver),  # Zhao et al. 2023
+    "DEIS": (DEISMultistepScheduler, _flow_solver),  # Zhang & Chen 2022
 }
-REGISTRIES = {"diffusion": SAMPLERS, "flow": FLOW_SAMPLERS}  # by the kind of model (families.py: sampler_kind)
-KINDS = {"diffusion": "diffusion models (SD 1.x / 2.x, SDXL)", "flow": "flow-matching models (SD 3)"}  # in words
+FLUX_SAMPLERS = {name: entry for name, entry in FLOW_SAMPLERS.items() if name != "Heun"}  # the Euler: FluxPipeline's
+REGISTRIES = {"diffusion": SAMPLERS, "flow": FLOW_SAMPLERS, "flux": FLUX_SAMPLERS}  # by families.py's sampler_kind
+KINDS = {"diffusion": "diffusion models (SD 1.x / 2.x, SDXL)", "flow": "flow-matching models (SD 3)",
+         "flux": "Flux models (flow matching with a size-dependent shift)"}  # in words
 TWO_EVALUATION_SAMPLERS = ("Heun", "DPM2", "DPM2 a")
 DEFAULT_SAMPLER = "Euler"
 
@@ -67,7 +71,7 @@ def sampler_names() -> list[str]:
 
 
 def valid_for(kind: str) -> list[str]:
-    """The samplers that fit models of `kind` ("diffusion" or "flow")."""
+    """The samplers that fit models of `kind` (a key of REGISTRIES)."""
     return list(REGISTRIES[kind])
 
 
@@ -75,7 +79,7 @@ def check_sampler(name: str) -> str:
     """Return `name` if some kind of model has it, else raise with the list of valid names."""
     if not any(name in registry for registry in REGISTRIES.values()):
         raise UnknownSamplerError(f"Unknown sampler {name!r}. Valid samplers: {', '.join(SAMPLERS)}; for "
-                                  f"{KINDS['flow']}: {', '.join(FLOW_SAMPLERS)}.")
+                                  f"{KINDS['flow']}: {', '.join(FLOW_SAMPLERS)}; for Flux: {', '.join(FLUX_SAMPLERS)}.")
     return name
 
 

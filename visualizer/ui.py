@@ -27,7 +27,9 @@ PROSE = {
              "of the finished image. Heun and DPM2 spend two model evaluations per step.",
     "guidance": "Classifier-free guidance runs the model twice per step, without and with the prompt, and combines "
                 "them: guided = uncond + scale × (cond − uncond). The images are the final image each branch "
-                "predicts at the step you settled on in the player; the heatmap is where guidance pushes hardest.",
+                "predicts at the step you settled on in the player; the heatmap is where guidance pushes hardest. "
+                "Flux.1 has no unconditional branch (its guidance scale is an input of the model), so the panel "
+                "stays empty for Flux runs.",
     "forward": "The forward process, q(x_t | x_0): take an image, encode it, and add noise at this run's noise "
                "levels, step by step. It becomes the player's “forward noising” view: denoising runs it backwards.",
     "img2img": "Empty: start from pure noise. With an image: it is encoded by the VAE, noised to the point "
@@ -240,6 +242,9 @@ def build(config: AppConfig) -> gr.Blocks:
         model.change(app.sampler_choices, [model, sampler], sampler, api_visibility="private", show_progress="hidden")
         c_model.change(app.sampler_choices, [c_model, c_samplers], c_samplers, api_visibility="private",
                        show_progress="hidden")
+        for model_box, guidance_slider in ((model, guidance), (c_model, c_guidance)):
+            model_box.change(app.guidance_label, model_box, guidance_slider, api_visibility="private",
+                             show_progress="hidden")
         frame_button.click(app.show_step, [run_id, api_step, api_view], [api_frame, api_label], api_name="frame")
         grid_button.click(app.show_grid, [c_run_id, api_progress, api_view], api_grid, api_name="grid_frame")
         insight_button.click(app.insight, [run_id, api_step],

@@ -257,6 +257,14 @@ class App:
             return gr.update(choices=names, value=kept if len(kept) >= 2 else names[:max(2, len(kept))])
         return gr.update(choices=names, value=picked if picked in names else names[0])
 
+    def guidance_label(self, model):
+        """The guidance slider's label for `model`'s family (Flux's guidance is not CFG); left as it is for a model
+        that cannot be told."""
+        try:
+            return gr.update(label=family_of_reference(_check_model(model, self.config)).guidance_label)
+        except (VisualizerError, gr.Error):
+            return gr.skip()
+
     def stop(self, request: gr.Request = None):
         """Ask this browser session's running generation to stop after the current step."""
         flag = self._stops.get(getattr(request, "session_hash", None))

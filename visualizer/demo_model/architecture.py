@@ -191,3 +191,36 @@ def tiny_sd3_pipeline(folder: Path, seed: int = 0) -> Path:
     )
     pipe.save_pretrained(folder)
     return folder
+
+
+def tiny_flux_pipeline(folder: Path, seed: int = 0, guidance_embeds: bool = True) -> Path:
+    """Save a tiny random-weight Flux.1 pipeline (32x32 images, 16x8x8 latents packed into 16 tokens) to `folder`;
+    for tests. With `guidance_embeds` it is dev-like (guidance-distilled), without it schnell-like.
+
+    Flux's layout at toy scale: a CLIP text encoder (its pooled output), a T5 encoder (the text tokens), a
+    transformer with one double-stream and one single-stream block and 3-axis rotary positions, a 16-channel
+    VAE with Flux's scaling and shift factors, and Flux.1-dev's dynamically shifted flow-matching Euler scheduler."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    words = ["a", "red", "blue", "circle", "square", "on", "the", "left", "right", "of", "background"]
+    tokenizer = write_tokenizer(folder / "tokenizer", words, max_length=16)
+    clip = text_encoder(len(tokenizer.get_vocab()), 16, hidden=32, layers=2)
+    t5_tokenizer = write_t5_tokenizer(folder / "tokenizer_2", words)
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), d_model=64, d_ff=64, d_kv=16, num_layers=1,
+                                 num_heads=4, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=64, pooled_projection_dim=32, guidance_embeds=guidance_embeds,
+        axes_dims_rope=(4, 4, 8),
+    )  # in_channels: 16 latent channels x a 2x2 patch; joint_attention_dim: T5's width; pooled: CLIP's width
+    autoencoder = vae((16, 32, 32), 32, latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159,
+                      use_quant_conv=False, use_post_quant_conv=False)  # Flux's VAE factors and layout
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxPipeline(scheduler=scheduler, vae=autoencoder, text_encoder=clip, tokenizer=tokenizer,
+                        text_encoder_2=t5, tokenizer_2=t5_tokenizer, transformer=transformer)
+    pipe.save_pretrained(folder)
+    return folder

@@ -1,0 +1,183 @@
+"""The Flux.1 family (families.py: packed latents, position ids, dynamic shifting, distilled guidance) through the
+shared loop, against diffusers' own FluxPipeline on tiny random dev-like and schnell-like models."""
+import numpy as np
+import pytest
+import torch
+from diffusers import (DEISMultistepScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler,
+                       FluxPipeline, UniPCMultistepScheduler)
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+from visualizer import api
+from visualizer.decode import FLUX_LATENT_RGB, FLUX_LATENT_RGB_BIAS, CheapPreview, latent_rgb_factors, vae_decode
+from visualizer.denoise import generate, generate_many
+from visualizer.errors import SettingsError, UnknownSamplerError
+from visualizer.families import family_of
+from visualizer.insight import pipeline_stages
+from visualizer.models import load_pipeline
+from visualizer.run import Run, Settings
+from visualizer.samplers import FLUX_SAMPLERS, valid_for
+
+from test_img2img import init_image
+
+PROMPT = "a red circle on the left"
+SEED = 11
+
+
+def _flow_solver(cls):
+    """diffusers' documented way to put a multistep solver on a Flux model: flow sigmas, a velocity output."""
+    return lambda config: cls.from_config(config, use_flow_sigmas=True, prediction_type="flow_prediction")
+
+
+REFERENCE_SCHEDULERS = {
+    "Euler": lambda config: None,  # the pipeline's own FlowMatchEulerDiscreteScheduler, untouched
+    "DPM++ 2M": _flow_solver(DPMSolverMultistepScheduler),
+    "UniPC": _flow_solver(UniPCMultistepScheduler),
+    "DEIS": _flow_solver(DEISMultistepScheduler),
+}
+
+
+def _tiny(tmp_path_factory, name, **kw):
+    from visualizer.demo_model.architecture import tiny_flux_pipeline
+
+    folder = str(tiny_flux_pipeline(tmp_path_factory.mktemp(name), **kw))
+    return folder, load_pipeline(folder)
+
+
+@pytest.fixture(scope="module")
+def flux(tmp_path_factory):
+    """(folder, pipeline) of a tiny random guidance-distilled (dev-like) Flux model, loaded like a real one."""
+    return _tiny(tmp_path_factory, "tiny-flux-dev")
+
+
+@pytest.fixture(scope="module")
+def schnell(tmp_path_factory):
+    """The same without a guidance embedding (schnell-like)."""
+    return _tiny(tmp_path_factory, "tiny-flux-schnell", guidance_embeds=False)
+
+
+def settings(folder, sampler="Euler", steps=6, **kw):
+    kw.setdefault("guidance_scale", 3.5)
+    kw.setdefault("prompt", PROMPT)
+    return Settings(model=folder, sampler=sampler, num_inference_steps=steps, seed=SEED, height=32, width=32, **kw)
+
+
+def diffusers_image(pipe, sampler="Euler", steps=6, prompt=PROMPT, guidance_scale=3.5):
+    reference = FluxPipeline(**pipe.components)
+    reference.scheduler = REFERENCE_SCHEDULERS[sampler](pipe.scheduler.config) or pipe.scheduler
+    reference.set_progress_bar_config(disable=True)
+    return reference(prompt, num_inference_steps=steps, guidance_scale=guidance_scale, height=32, width=32,
+                     generator=torch.Generator().manual_seed(SEED), output_type="np").images[0]
+
+
+def final_image(pipe, run) -> np.ndarray:
+    return vae_decode(pipe.vae, run.tensors["latents"][-1:])[0].astype(np.float32) / 255
+
+
+@pytest.mark.parametrize("sampler", list(REFERENCE_SCHEDULERS))
+def test_final_image_matches_diffusers_flux_pipeline(flux, sampler):
+    folder, pipe = flux
+    run = generate(settings(folder, sampler), pipe)
+    assert run.info.family == "flux" and run.info.prediction_type == "flow_prediction" and len(run) == 6
+    assert run.info.guidance == "distilled" and "eps_cond" not in run.tensors  # no unconditional branch
+    assert np.abs(final_image(pipe, run) - diffusers_image(pipe, sampler)).max() <= 2 / 255
+    assert run.steps[0].sigma == pytest.approx(1.0, abs=1e-3) and all(s.flow for s in run.steps)
+
+
+def test_euler_follows_the_size_shifted_schedule_and_keeps_latents_unpacked(flux):
+    folder, pipe = flux
+    run = generate(settings(folder), pipe)
+    # the schedule FluxPipeline sets: sigmas 1 .. 1/6 shifted by mu of the image's 4 x 4 = 16 tokens
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    config = scheduler.config
+    mu = calculate_shift(16, config.base_image_seq_len, config.max_image_seq_len, config.base_shift, config.max_shift)
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / 6, 6), mu=mu)
+    assert [s.sigma for s in run.steps] == pytest.approx(scheduler.sigmas[:-1].tolist())
+    plain = FlowMatchEulerDiscreteScheduler.from_config(config, use_dynamic_shifting=False)
+    plain.set_timesteps(6)
+    assert [s.sigma for s in run.steps] != pytest.approx(plain.sigmas[:-1].tolist())  # the shift is not SD 3's
+    t = run.tensors
+    assert t["latents"].shape == (6, 16, 8, 8) and run.info.latent_shape == [1, 16, 8, 8]
+    sigma = torch.tensor([s.sigma for s in run.steps])[:, None, None, None]
+    assert torch.allclose((1 - sigma) * t["x0"] + sigma * t["eps"], t["x_in"], atol=1e-4)
+    assert torch.allclose(t["x0"][-1], t["latents"][-1], atol=1e-5)  # Euler's last step lands on x0-hat
+
+
+def test_distilled_guidance_is_a_per_row_input_even_in_lockstep(flux):
+    folder, pipe = flux
+    low, high = (generate(settings(folder, guidance_scale=g), pipe) for g in (1.0, 6.0))
+    assert not torch.allclose(low.tensors["latents"][-1], high.tensors["latents"][-1], atol=1e-3)
+    assert np.abs(final_image(pipe, low) - diffusers_image(pipe, guidance_scale=1.0)).max() <= 2 / 255
+    # two samplers with different guidance scales in one batched call: each row gets its own
+    together = generate_many([settings(folder, "Euler", guidance_scale=1.0),
+                              settings(folder, "DPM++ 2M", guidance_scale=6.0)], pipe)
+    alone = [low, generate(settings(folder, "DPM++ 2M", guidance_scale=6.0), pipe)]
+    for run, single in zip(together, alone):
+        assert run.info.lockstep_batch == 2
+        assert torch.allclose(run.tensors["latents"], single.tensors["latents"], rtol=1e-4, atol=1e-4)
+
+
+def test_schnell_like_models_ignore_guidance_as_their_pipeline_does(schnell):
+    folder, pipe = schnell
+    runs = [generate(settings(folder, guidance_scale=g), pipe) for g in (1.0, 5.0)]
+    assert torch.equal(runs[0].tensors["latents"], runs[1].tensors["latents"]) and runs[0].info.guidance == "none"
+    assert np.abs(final_image(pipe, runs[1]) - diffusers_image(pipe, guidance_scale=5.0)).max() <= 2 / 255
+    assert "no guidance" in pipeline_stages(runs[0])
+
+
+def test_api_run_end_to_end_saves_and_loads(flux, tmp_path):
+    folder, pipe = flux
+    run = api.run(settings(folder, steps=4))
+    assert len(run.frames["xt"]) == len(run.frames["x0"]) == 4 and run.final_image.shape == (32, 32, 3)
+    assert (run.final_image == run.frames["xt"][-1]).all() and run.info.metrics
+    i = run.info
+    assert i.text_embedding_shape == [1, 512, 64] and i.pooled_embedding_shape == [1, 32]  # T5 tokens; CLIP pooled
+    assert i.token_limit == 512 and i.vae_shift_factor == pytest.approx(0.1159)
+    stages = pipeline_stages(run)
+    for words in ("(Flux)", "T5", "pooled_projections", "packed into tokens", "txt_ids", "**input** of the model",
+                  "use_dynamic_shifting=True", "+ 0.1159"):
+        assert words in stages, words
+    assert api.guidance_breakdown(run, 1) is None  # no unconditional branch to break down
+    assert len(api.forward_noising(run)) == 4
+    loaded = Run.load(run.save(tmp_path / "run"))
+    assert loaded.info == run.info and (loaded.final_image == run.final_image).all()
+
+
+def test_flux_samplers_and_what_flux_refuses(flux):
+    folder, pipe = flux
+    assert valid_for("flux") == list(FLUX_SAMPLERS) == ["Euler", "DPM++ 2M", "UniPC", "DEIS"]
+    with pytest.raises(UnknownSamplerError, match="The Heun sampler does not fit Flux models"):
+        generate(settings(folder, "Heun"), pipe)
+    for change, words in [(dict(negative_prompt="blue"), "no unconditional branch"),
+                          (dict(init_image=init_image()), "img2img"), (dict(attention=True), "Word maps")]:
+        with pytest.raises(SettingsError, match=words):
+            generate(settings(folder, **change), pipe)
+    assert family_of(pipe).size_multiple(pipe) == 8  # the VAE's 4 x the 2x2 packing (16 for real Flux models)
+
+
+def test_flux_previews_use_flux_latent_colours_and_taef1(flux, tmp_path, monkeypatch):
+    from diffusers import AutoencoderTiny
+
+    from visualizer.decode import load_taesd
+
+    _, pipe = flux
+    factors, bias = latent_rgb_factors(pipe)
+    assert torch.equal(factors, torch.tensor(FLUX_LATENT_RGB)) and torch.equal(bias, torch.tensor(FLUX_LATENT_RGB_BIAS))
+    preview = CheapPreview(pipe, use_taesd=False)(torch.zeros(1, 16, 8, 8), step=1)
+    assert not preview.exact and "preview" in preview.label
+    AutoencoderTiny(latent_channels=16, encoder_block_out_channels=(8, 8, 8, 8),
+                    decoder_block_out_channels=(8, 8, 8, 8)).save_pretrained(tmp_path / "taef1")
+    monkeypatch.setenv("VISUALIZER_TAEF1", str(tmp_path / "taef1"))
+    assert load_taesd(torch.device("cpu"), "flux") is not None
+
+
+def test_the_apps_sampler_menu_for_a_flux_folder(flux, tmp_path):
+    from visualizer.models import family_of_reference
+    from visualizer.ui_handlers import App, AppConfig
+
+    folder, _ = flux
+    assert family_of_reference(folder).key == "flux"
+    app = App(AppConfig(output_dir=tmp_path, example_dir=None))
+    menu = app.sampler_choices(folder, ["Euler", "Heun", "UniPC"])
+    assert menu["choices"] == valid_for("flux") and menu["value"] == ["Euler", "UniPC"]
+    assert "no CFG branch" in app.guidance_label(folder)["label"]
+    assert app.guidance_label("embedded")["label"] == "Guidance scale (CFG)"
