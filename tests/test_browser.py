@@ -317,6 +317,27 @@ def test_compare_grid_runs_and_its_shared_slider_moves_every_cell(server, browse
     page.close()
 
 
+def test_compare_models_fills_one_grid_aligned_by_progress(server, browser, tiny_model):
+    """The embedded model (64x64) and the server's tiny model (32x32) on one prompt: one cell each, named by model,
+    on one slider, with both convergence curves on one plot."""
+    page = open_page(browser, server)
+    page.get_by_role("tab", name="Compare samplers").click()
+    grid = Player(page, "c-player")
+    page.locator("#c-prompt textarea").fill("a blue square")
+    page.locator("#c-models textarea, #c-models input").first.fill(f"embedded, {tiny_model}")
+    page.locator("#compare").click()
+    grid.wait_status("Done: 2 models")
+    captions = page.locator("#c-player .vp-cell figcaption").all_inner_texts()
+    assert [c.split(" · ")[:2] for c in captions] == [["embedded", "Euler"], [Path(tiny_model).name, "Euler"]]
+    end = grid.srcs()
+    grid.move(1)
+    assert all(a != b for a, b in zip(end, grid.srcs())) and len(end) == 2
+    page.locator("#c-player .vp-tabs button[data-tab=convergence]").click()
+    assert page.locator("#c-player .vp-convergence polyline").count() == 2  # one curve per model
+    shot(page, "compare-models-1280")
+    page.close()
+
+
 def test_img2img_from_an_upload(server, browser, tmp_path):
     Image.new("RGB", (32, 32), (220, 200, 40)).save(tmp_path / "init.png")
     page = open_page(browser, server, 1280, 900)

@@ -22,8 +22,9 @@ from . import insight
 from .decode import EXACT, CheapPreview, Preview, StreamingDecoder, decode_run
 from .denoise import StepCallback, StepEvent, denoise_steps
 from .errors import SettingsError
-from .models import EMBEDDED, load_pipeline
+from .models import EMBEDDED, family_of_reference, load_pipeline
 from .run import FRAME_KINDS, Run, Settings
+from .samplers import fitting
 
 
 # All model work runs on this one thread. torch's CPU thread pool (OpenMP) is per calling thread: work
@@ -182,6 +183,33 @@ def compare(settings: Settings | str, samplers: Sequence[str], *, callback: Step
     """Several samplers on the same settings and initial noise, in lockstep (one UNet batch per round)."""
     return _consume(stream(_settings(settings, changes), list(samplers), should_stop=should_stop, frames=frames),
                     callback)
+
+
+MAX_MODELS = 4  # models in one comparison
+
+
+def model_settings(settings: Settings, models: Sequence[str]) -> list[Settings]:
+    """One Settings per model of a comparison of models: `settings` with each model, and its sampler where it fits
+    that model's family, else Euler. SettingsError unless 2 to MAX_MODELS different models are given."""
+    models = list(dict.fromkeys(m.strip() for m in models if m.strip()))
+    if not 2 <= len(models) <= MAX_MODELS:
+        raise SettingsError(f"List 2 to {MAX_MODELS} different models to compare (got {len(models)}).")
+    return [dataclasses.replace(settings, model=m, sampler=fitting(settings.sampler, family_of_reference(m).sampler_kind))
+            .validate() for m in models]
+
+
+def compare_models(settings: Settings | str, models: Sequence[str], *, callback: StepCallback | None = None,
+                   should_stop: Callable[[], bool] | None = None, frames: Sequence[str] = FRAME_KINDS,
+                   **changes) -> list[Run]:
+    """The same prompt, seed, steps, guidance and size on several models, one after another (model_settings); each
+    starts from its own noise of that seed (the latents' shapes differ). Compare them aligned by progress through
+    their schedules (views.grid_frame, export.export_grid)."""
+    runs = []
+    for s in model_settings(_settings(settings, changes), models):
+        if should_stop is not None and should_stop():
+            break
+        runs.append(_consume(stream(s, should_stop=should_stop, frames=frames), callback))
+    return runs
 
 
 def redecode(run: Run) -> None:

@@ -103,7 +103,10 @@ def save_zip(frames: dict[str, Sequence[np.ndarray]], path: str | Path) -> Path:
 
 def grid(images: Sequence[Image.Image], labels: Sequence[str] | None = None, columns: int | None = None,
          gap: int = 4) -> Image.Image:
-    """Images laid out in a grid (row-major), each with its label underneath."""
+    """Images laid out in a grid (row-major), each with its label underneath; images of other sizes (runs of
+    different models) are resized to the largest."""
+    size = (max(im.width for im in images), max(im.height for im in images))
+    images = [im if im.size == size else im.resize(size, Image.Resampling.LANCZOS) for im in images]
     if labels:
         images = [caption_frame(im, label) for im, label in zip(images, labels)]
     columns = columns or len(images)
@@ -135,6 +138,19 @@ def grid_frames(runs_frames: Sequence[Sequence[np.ndarray]], run_labels: Sequenc
         cells = [upscale(frames[i], min_size) for frames, i in zip(runs_frames, picks)]
         out.append(grid(cells, [labels[i] for labels, i in zip(run_labels, picks)], columns))
     return out
+
+
+def model_name(model: str) -> str:
+    """A model reference, short: an alias or "embedded" as it is, a folder's or hub id's last part."""
+    return model.rstrip("/").rsplit("/", 1)[-1]
+
+
+def comparison_labels(settings_list) -> list[str]:
+    """Each run's name in a comparison, from its Settings: the sampler, after the model's short name where the
+    runs' models differ."""
+    if len({s.model for s in settings_list}) == 1:
+        return [s.sampler for s in settings_list]
+    return [f"{model_name(s.model)} · {s.sampler}" for s in settings_list]
 
 
 def step_label(step, total: int) -> str:
@@ -182,7 +198,8 @@ def export_run(run, folder: str | Path, formats: Sequence[str] = ("gif",), view:
 
 def export_grid(runs, folder: str | Path, formats: Sequence[str] = ("png", "gif"), view: str = "xt",
                 fps: float = 8, columns: int | None = None) -> dict[str, Path]:
-    """Sampler comparison exports: grid.png (final images, labelled) and grid.gif / grid.mp4 (aligned animation)."""
+    """Comparison exports (samplers, or models): grid.png (final images, labelled) and grid.gif / grid.mp4 (aligned
+    animation)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     columns = columns or min(4, len(runs))
@@ -190,10 +207,10 @@ def export_grid(runs, folder: str | Path, formats: Sequence[str] = ("png", "gif"
     if "png" in formats:
         finals = [upscale(view_frames(r, view)[-1]) for r in runs]
         written["png"] = folder / "grid.png"
-        grid(finals, [r.settings.sampler for r in runs], columns).save(written["png"])
+        grid(finals, comparison_labels([r.settings for r in runs]), columns).save(written["png"])
     animations = [f for f in formats if f in ("gif", "mp4", "webp")]
     if animations:
-        labels = [[f"{r.settings.sampler} · {step_label(s, len(r))}" for s in r.steps] for r in runs]
+        labels = [[f"{name} · {step_label(s, len(r))}" for s in r.steps] for r, name in zip(runs, comparison_labels([r.settings for r in runs]))]
         images = grid_frames([view_frames(r, view) for r in runs], labels, columns)
         for fmt in animations:
             written[fmt] = ANIMATIONS[fmt][1](images, folder / f"grid.{fmt}", fps=fps)

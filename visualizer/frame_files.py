@@ -15,6 +15,7 @@ from PIL import Image
 from .run import Run, Step
 from . import attention, image_map
 from .insight import change_image
+from .export import comparison_labels
 from .views import latent_tiles
 
 PNG_MAX_SIDE = 256  # frames up to this size are PNG; larger ones WebP
@@ -54,19 +55,23 @@ class RunFiles:
         Image.fromarray(image).save(path, **({"quality": WEBP_QUALITY} if suffix == "webp" else {"compress_level": 1}))
         paths[index] = path
 
-    def add_step(self, event) -> None:
-        """A finished step: its numbers and the views computed from its tensors (latents, noise prediction)."""
-        cell = self.cells[event.sampler_index]
+    def add_step(self, event, first_cell: int = 0) -> None:
+        """A finished step: its numbers and the views computed from its tensors (latents, noise prediction).
+        `first_cell`: the cell of the event's sampler 0 (a generation of several models fills cells in turn)."""
+        number = first_cell + event.sampler_index
+        cell = self.cells[number]
         index = event.step.index - 1
         if len(cell.steps) == index:
             cell.steps.append(event.step)
-        self._write(event.sampler_index, "latents", index, latent_tiles(event.xt[0]))
-        self._write(event.sampler_index, "noise", index, latent_tiles(event.eps[0]))
+        self._write(number, "latents", index, latent_tiles(event.xt[0]))
+        self._write(number, "noise", index, latent_tiles(event.eps[0]))
 
-    def add_decoded(self, frames: dict[int, dict[str, dict[int, np.ndarray] | list[np.ndarray]]]) -> None:
+    def add_decoded(self, frames: dict[int, dict[str, dict[int, np.ndarray] | list[np.ndarray]]],
+                    first_cell: int = 0) -> None:
         """Exact frames decoded so far (sampler -> kind -> step -> frame, as StreamingDecoder.frames, or lists):
         write the new ones, and the change heatmap of each x0-hat whose previous step is there too."""
-        for cell, kinds in frames.items():
+        for sampler, kinds in frames.items():
+            cell = first_cell + sampler
             for kind, items in kinds.items():
                 items = dict(enumerate(items)) if isinstance(items, list) else items
                 written = self.cells[cell].paths.get(kind, [])
@@ -116,7 +121,7 @@ class RunFiles:
     @classmethod
     def of_runs(cls, folder: Path, runs: list[Run]) -> "RunFiles":
         """Files for runs that are already finished (a loaded example, a re-decoded run)."""
-        files = cls(folder, [r.settings.sampler for r in runs], [len(r) for r in runs])
+        files = cls(folder, comparison_labels([r.settings for r in runs]), [len(r) for r in runs])
         for cell, run in enumerate(runs):
             files.add_run(cell, run)
         files.add_maps(runs)

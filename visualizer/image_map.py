@@ -178,14 +178,18 @@ def mappable(run) -> bool:
 
 def step_frames(runs) -> list[list[np.ndarray] | None]:
     """For each run: its map at every step (its own path up to that step), or None without latents. One map for all
-    the runs (shipped with their model, else fitted on all of them)."""
-    usable = [r for r in runs if mappable(r)]
-    if not usable:
-        return [None] * len(runs)
-    image_map = for_runs(usable)
-    paths = [path(r, image_map) if mappable(r) else None for r in runs]
-    shared = canvas(image_map, [p for p in paths if p is not None])
-    return [None if p is None else [render(image_map, [p], k + 1, shared) for k in range(len(p.x0))] for p in paths]
+    the runs of a model (shipped with it, else fitted on them): models have latent spaces of their own."""
+    frames: list[list[np.ndarray] | None] = [None] * len(runs)
+    for model in dict.fromkeys(r.settings.model for r in runs):
+        group = [k for k, r in enumerate(runs) if r.settings.model == model and mappable(r)]
+        if not group:
+            continue
+        image_map = for_runs([runs[k] for k in group])
+        paths = {k: path(runs[k], image_map) for k in group}
+        shared = canvas(image_map, list(paths.values()))
+        for k, p in paths.items():
+            frames[k] = [render(image_map, [p], i + 1, shared) for i in range(len(p.x0))]
+    return frames
 
 
 def seeds_map(runs) -> tuple[np.ndarray, str]:

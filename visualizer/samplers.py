@@ -75,6 +75,11 @@ def valid_for(kind: str) -> list[str]:
     return list(REGISTRIES[kind])
 
 
+def fitting(name: str, kind: str) -> str:
+    """`name` where it fits models of `kind`, else DEFAULT_SAMPLER (which every kind has)."""
+    return name if name in REGISTRIES[kind] else DEFAULT_SAMPLER
+
+
 def check_sampler(name: str) -> str:
     """Return `name` if some kind of model has it, else raise with the list of valid names."""
     if not any(name in registry for registry in REGISTRIES.values()):

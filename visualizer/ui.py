@@ -47,7 +47,9 @@ PROSE = {
            "a prompt that names a background brings them all to it. The player's View menu shows one run's path "
            "following the slider. Other models: the projection is fitted on the runs themselves.",
     "compare": "2 to 8 samplers on the same prompt, seed and initial noise, in one batch. The slider moves every "
-               "cell to the same point of its own schedule.",
+               "cell to the same point of its own schedule. Or list 2 to 4 models (e.g. `embedded, sd15, sdxl`) to "
+               "run the prompt on each in turn with the first picked sampler (Euler where it does not fit), "
+               "aligned the same way, with their convergence curves on one plot.",
 }
 CSS = """
 #title h2 { margin: 0; font-size: 1.25rem; }
@@ -164,6 +166,8 @@ def build(config: AppConfig) -> gr.Blocks:
                                                   elem_id="c-samplers")
                     (c_negative, c_seed, c_steps, c_guidance, c_width, c_height, c_model,
                      c_attention) = _settings_controls(config.default_model, config.allow_any_model, prefix="c-")
+                    c_models = gr.Textbox(label="…or compare models (2 to 4, comma-separated)", value="",
+                                          placeholder="embedded, sd15, sdxl", elem_id="c-models")
                     gr.Markdown(PROSE["compare"], elem_classes="explain")
                     with gr.Row():
                         c_buttons = {fmt: gr.Button(label, size="sm", elem_id=f"c-dl-{fmt}") for fmt, label in
@@ -230,7 +234,8 @@ def build(config: AppConfig) -> gr.Blocks:
             button.click(lambda rid, v, fmt=fmt: app.download(rid, fmt, v), [run_id, dl_view], file_out,
                          api_name=f"download_{fmt}")
         c_button.click(app.compare, [c_prompt, c_negative, c_seed, c_steps, c_guidance, c_samplers, c_width,
-                                     c_height, c_model, c_attention], [c_play, c_grid, c_run_id, c_status, c_file],
+                                     c_height, c_model, c_attention, c_models],
+                       [c_play, c_grid, c_run_id, c_status, c_file],
                        api_name="compare", **model_event)
         for fmt, button in c_buttons.items():
             button.click(lambda rid, fmt=fmt: app.download_grid(rid, fmt), c_run_id, c_file,

@@ -21,12 +21,12 @@ from . import api, image_map, insight, views
 from .api import DecodeUpdate, StepUpdate
 from .demo_model import scenes
 from .errors import SettingsError, VisualizerError, user_message
-from .export import export_grid, export_run, upscale
+from .export import comparison_labels, export_grid, export_run, model_name, upscale
 from .frame_files import RunFiles
 from .models import ALIASES, EMBEDDED, family_of_reference
 from .player import step_props
 from .run import Run, Settings
-from .samplers import valid_for
+from .samplers import DEFAULT_SAMPLER, valid_for
 from .store import RunStore
 
 log = logging.getLogger("visualizer")
@@ -151,55 +151,66 @@ class App:
         except SettingsError as error:
             raise UserError(str(error)) from None
 
-    def _stream(self, settings: Settings, samplers: list[str] | None, request: gr.Request | None):
-        """Run one generation; yield (player props, None) while it goes, then (player props, run id)."""
+    def _stream(self, jobs: list[tuple[Settings, list[str] | None]], request: gr.Request | None):
+        """Run one generation: each job (settings, samplers in lockstep or None) in turn, its runs filling the next
+        cells of one player (several jobs: a comparison of models). Yield (player props, None) while it goes, then
+        (player props, run id)."""
         stop = threading.Event()
         session = getattr(request, "session_hash", None)
         if session:
             self._stops[session] = stop
-        names = samplers or [settings.sampler]
+        cell_settings = [replace(s, sampler=name) for s, samplers in jobs for name in samplers or [s.sampler]]
         run_id = self.store.new_id()
-        files = RunFiles(self.store.output_dir / run_id / "player", names, [settings.steps_to_run] * len(names))
-        last_sent, result, final_shown = 0.0, None, False
+        files = RunFiles(self.store.output_dir / run_id / "player", comparison_labels(cell_settings),
+                         [s.steps_to_run for s in cell_settings])
+        runs, last_sent = [], 0.0
         try:
-            for item in self.config.engine.stream(settings, samplers, should_stop=stop.is_set):
-                if isinstance(item, StepUpdate):
-                    files.add_step(item.event)
-                    done, total = item.event.step.index, item.event.total_steps
-                    status = f"Step {done} of {total}: computing… scrub the finished steps any time."
-                    progress = done / total
-                elif isinstance(item, DecodeUpdate):
-                    for cell, run in enumerate(item.runs):
-                        files.cells[cell].steps, files.cells[cell].total = list(run.steps), len(run)
-                    status = f"Denoised; decoding the remaining frames ({item.remaining} left)…"
-                    progress = 1.0
-                else:
-                    result = item
+            for number, (settings, samplers) in enumerate(jobs):
+                if stop.is_set():
                     break
-                now = time.monotonic()
-                first_after_loop = isinstance(item, DecodeUpdate) and not final_shown
-                if now - last_sent >= UPDATE_INTERVAL or first_after_loop:  # the final image at once
-                    last_sent, final_shown = now, final_shown or first_after_loop
-                    files.add_decoded(item.frames)
-                    yield player_props(files, run_id, live=True, progress=progress, status=status), None
+                first_cell, final_shown = len(runs), False
+                model = f"Model {number + 1} of {len(jobs)} ({model_name(settings.model)}): " if len(jobs) > 1 else ""
+                for item in self.config.engine.stream(settings, samplers, should_stop=stop.is_set):
+                    if isinstance(item, StepUpdate):
+                        files.add_step(item.event, first_cell)
+                        done, total = item.event.step.index, item.event.total_steps
+                        status = f"{model}step {done} of {total}: computing… scrub the finished steps any time."
+                        progress = (number + done / total) / len(jobs)
+                    elif isinstance(item, DecodeUpdate):
+                        for k, run in enumerate(item.runs):
+                            cell = files.cells[first_cell + k]
+                            cell.steps, cell.total = list(run.steps), len(run)
+                        status = f"{model}denoised; decoding the remaining frames ({item.remaining} left)…"
+                        progress = (number + 1) / len(jobs)
+                    else:
+                        runs += item if isinstance(item, list) else [item]
+                        break
+                    now = time.monotonic()
+                    first_after_loop = isinstance(item, DecodeUpdate) and not final_shown
+                    if now - last_sent >= UPDATE_INTERVAL or first_after_loop:  # the final image at once
+                        last_sent, final_shown = now, final_shown or first_after_loop
+                        files.add_decoded(item.frames, first_cell)
+                        yield player_props(files, run_id, live=True, progress=progress,
+                                           status=status[0].upper() + status[1:]), None
         except Exception as error:
             raise _user_error(error) from error
         finally:  # a closed tab lands here: the engine's generator is closed with this one
             if session and self._stops.get(session) is stop:
                 del self._stops[session]
-        runs = result if isinstance(result, list) else [result]
-        if not len(runs[0]):
+        if not runs or not len(runs[0]):
             raise UserError("Stopped before the first step finished: nothing to show.")
+        files.cells = files.cells[:len(runs)]  # models a stop left unrun
         for cell, run in enumerate(runs):
             files.add_run(cell, run)
         files.add_maps(runs)
         self.store.add(runs, run_id=run_id)
         self._files = {k: v for k, v in self._files.items() if k in self.store}
         self._files[run_id] = files
-        stopped = runs[0].info.stopped
+        stopped = any(run.info.stopped for run in runs) or len(runs) < len(cell_settings)
+        what = (f"{len(runs)} samplers, one batched UNet call per round" if len(jobs) == 1 else
+                f"{len(runs)} models, one after another, aligned by progress through their own schedules")
         yield player_props(files, run_id, status=_status(runs[0]) if len(runs) == 1 else
-                           f"{'Stopped early' if stopped else 'Done'}: {len(runs)} samplers, one batched UNet call "
-                           "per round.", view="x0" if stopped else None), run_id
+                           f"{'Stopped early' if stopped else 'Done'}: {what}.", view="x0" if stopped else None), run_id
 
     def generate(self, prompt, negative_prompt, seed, steps, guidance, sampler, width, height, model,
                  init_image=None, strength=None, attention=False, request: gr.Request = None):
@@ -212,7 +223,7 @@ class App:
                                  init_image, strength, attention)
         notice = _vocabulary_notice(settings.prompt, settings.model)
         first = True
-        for props, run_id in self._stream(settings, None, request):
+        for props, run_id in self._stream([(settings, None)], request):
             if run_id is None:  # only the player changes while the run streams; the first update clears the
                 rest = (props["status"], notice, None, None, None, None, None, "") if first else (gr.skip(),) * 8
                 yield gr.update(**props), gr.skip(), gr.skip(), gr.skip(), *rest  # previous run's panels
@@ -316,13 +327,22 @@ class App:
         return gr.update(**props), f"Noised at the {len(run)} noise levels of this run; it is a view of the player now."
 
     def compare(self, prompt, negative_prompt, seed, steps, guidance, samplers, width, height, model,
-                attention=False, request: gr.Request = None):
-        samplers = list(samplers or [])
-        if not 2 <= len(samplers) <= 8:
+                attention=False, models="", request: gr.Request = None):
+        """Stream a comparison into the grid player: 2 to 8 samplers in lockstep on `model`, or, when `models` lists
+        2 to 4 models (comma-separated), each of them in turn with the first picked sampler (Euler where it does
+        not fit the model)."""
+        samplers, models = list(samplers or []), [m for m in (models or "").split(",") if m.strip()]
+        if not models and not 2 <= len(samplers) <= 8:
             raise UserError(f"Pick 2 to 8 samplers to compare (you picked {len(samplers)}).")
-        settings = self.settings(prompt, negative_prompt, seed, steps, guidance, samplers[0], width, height, model,
-                                 attention=attention)
-        for props, run_id in self._stream(settings, samplers, request):
+        settings = self.settings(prompt, negative_prompt, seed, steps, guidance,
+                                 samplers[0] if samplers else DEFAULT_SAMPLER, width, height, model, attention=attention)
+        jobs = [(settings, samplers)]
+        if models:
+            try:
+                jobs = [(s, None) for s in api.model_settings(settings, [_check_model(m, self.config) for m in models])]
+            except VisualizerError as error:
+                raise UserError(user_message(error) or str(error)) from None
+        for props, run_id in self._stream(jobs, request):
             if run_id is None:
                 yield gr.update(**props), gr.skip(), gr.skip(), gr.skip(), None
                 continue

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import torch
 
-from .export import MIN_SIZE, grid, step_label, upscale, view_frames
+from .export import MIN_SIZE, comparison_labels, grid, step_label, upscale, view_frames
 
 VIEWS = {  # UI label -> key
     "x_t (noisy latents, decoded)": "xt",
@@ -73,8 +73,8 @@ def grid_frame(runs, progress: float, view: str = "xt", columns: int | None = No
     """All runs at the same progress through their schedules, one labelled cell each."""
     view = view if view in ("xt", "x0") else "xt"
     cells, labels = [], []
-    for run in runs:
+    for run, name in zip(runs, comparison_labels([r.settings for r in runs])):
         i = aligned_index(run, progress)
         cells.append(upscale(view_frames(run, view)[i], MIN_SIZE))
-        labels.append(f"{run.settings.sampler} · {step_label(run.steps[i], len(run))}")
+        labels.append(f"{name} · {step_label(run.steps[i], len(run))}")
     return np.asarray(grid(cells, labels, columns or min(4, len(runs))))
