@@ -116,6 +116,19 @@ def test_distilled_guidance_is_a_per_row_input_even_in_lockstep(flux):
         assert torch.allclose(run.tensors["latents"], single.tensors["latents"], rtol=1e-4, atol=1e-4)
 
 
+def test_img2img_matches_diffusers_flux_img2img_pipeline(flux):
+    from diffusers import FluxImg2ImgPipeline
+
+    folder, pipe = flux
+    run = generate(settings(folder, steps=6, init_image=init_image(), strength=0.8), pipe)
+    assert len(run) == 5 and run.info.img2img.skipped_steps == 1  # 6 - int(6 - 4.8), as FluxImg2ImgPipeline counts
+    reference = FluxImg2ImgPipeline(**pipe.components)
+    reference.set_progress_bar_config(disable=True)
+    theirs = reference(PROMPT, image=init_image(), strength=0.8, num_inference_steps=6, guidance_scale=3.5, height=32,
+                       width=32, generator=torch.Generator().manual_seed(SEED), output_type="np").images[0]
+    assert np.abs(final_image(pipe, run) - theirs).max() <= 2 / 255
+
+
 def test_schnell_like_models_ignore_guidance_as_their_pipeline_does(schnell):
     folder, pipe = schnell
     runs = [generate(settings(folder, guidance_scale=g), pipe) for g in (1.0, 5.0)]
@@ -147,8 +160,7 @@ def test_flux_samplers_and_what_flux_refuses(flux):
     assert valid_for("flux") == list(FLUX_SAMPLERS) == ["Euler", "DPM++ 2M", "UniPC", "DEIS"]
     with pytest.raises(UnknownSamplerError, match="The Heun sampler does not fit Flux models"):
         generate(settings(folder, "Heun"), pipe)
-    for change, words in [(dict(negative_prompt="blue"), "no unconditional branch"),
-                          (dict(init_image=init_image()), "img2img"), (dict(attention=True), "Word maps")]:
+    for change, words in [(dict(negative_prompt="blue"), "no unconditional branch"), (dict(attention=True), "Word maps")]:
         with pytest.raises(SettingsError, match=words):
             generate(settings(folder, **change), pipe)
     assert family_of(pipe).size_multiple(pipe) == 8  # the VAE's 4 x the 2x2 packing (16 for real Flux models)

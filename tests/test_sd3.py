@@ -159,14 +159,27 @@ def test_a_sampler_that_does_not_fit_sd3_names_the_valid_ones(sd3):
     assert type(make_scheduler("Euler", pipe.scheduler.config, "flow")).__name__ == "FlowMatchEulerDiscreteScheduler"
 
 
-@pytest.mark.parametrize("change, words", [
-    (dict(init_image=init_image()), "img2img"),
-    (dict(attention=True), "Word maps are not available"),
-])
-def test_what_sd3_cannot_do_yet_is_refused_plainly(sd3, change, words):
+def test_what_sd3_cannot_do_yet_is_refused_plainly(sd3):
     folder, pipe = sd3
-    with pytest.raises(SettingsError, match=words):
-        generate(settings(folder, **change), pipe)
+    with pytest.raises(SettingsError, match="Word maps are not available"):
+        generate(settings(folder, attention=True), pipe)
+
+
+@pytest.mark.parametrize("steps, strength", [(6, 0.8), (10, 0.5)])
+def test_img2img_matches_diffusers_sd3_img2img_pipeline(sd3, steps, strength):
+    """The shift-aware VAE encode, scale_noise and SD 3's own step count (6 x 0.8 = 4.8: 5 steps run, where SD 1.x
+    would run 4)."""
+    from diffusers import StableDiffusion3Img2ImgPipeline
+
+    folder, pipe = sd3
+    run = generate(settings(folder, steps=steps, init_image=init_image(), strength=strength), pipe)
+    assert len(run) == steps - int(steps - steps * strength) and run.info.img2img.skipped_steps == steps - len(run)
+    reference = StableDiffusion3Img2ImgPipeline(**pipe.components)
+    reference.set_progress_bar_config(disable=True)
+    theirs = reference(PROMPT, image=init_image(), strength=strength, num_inference_steps=steps, guidance_scale=7.0,
+                       generator=torch.Generator().manual_seed(SEED), output_type="np").images[0]
+    assert np.abs(final_image(pipe, run) - theirs).max() <= 2 / 255
+    assert run.steps[0].sigma < 1 and run.tensors["init_latents"].shape == (1, 16, 8, 8)
 
 
 def test_sd3_alias_folder_and_layouts(sd3, tmp_path):

@@ -16,9 +16,10 @@ A "step" is one update of the sampler from one noise level to the next. Heun and
 model evaluations on it; the step's timestep, sigma, x0-hat and noise prediction come from its
 first evaluation (at the step's start), its latents from after the update.
 
-img2img (`Settings.init_image`) works as in `StableDiffusionImg2ImgPipeline`: the image is
-VAE-encoded, noised to the schedule's timestep at `1 - strength` of the way through, and only the
-remaining steps run; they are captured like any other run's.
+img2img (`Settings.init_image`) works as in `StableDiffusionImg2ImgPipeline` (and the SD 3 / Flux img2img
+pipelines): the image is VAE-encoded, noised to the schedule's timestep at `1 - strength` of the way through
+(flow models: x = (1 - sigma) x0 + sigma * noise, `scale_noise`), and only the remaining steps run; they are
+captured like any other run's.
 
 `denoise_steps` is the loop as a generator: it yields a `StepEvent` after every completed step and
 returns the runs, so a caller (api.stream) can show each step and stop the loop by closing it.
@@ -37,7 +38,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from .attention import AttentionRecorder, combine, token_span
-from .decode import shift_factor
+from .decode import from_vae_space, shift_factor
 from .errors import NonFiniteError, SettingsError
 from .families import family_of
 from .models import load_pipeline, resolve
@@ -301,13 +302,16 @@ def denoise_steps(settings_list: list[Settings], pipe=None,
                 noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
                 latents = noise * getattr(scheduler, "init_noise_sigma", 1.0)  # flow-matching: none (1)
             else:  # the order of draws (posterior sample, then noise) is diffusers' img2img order
-                init_latents = posterior.sample(generator).to(dtype) * pipe.vae.config.scaling_factor
+                init_latents = from_vae_space(pipe.vae, posterior.sample(generator)).to(dtype)
                 noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-                skipped = s.num_inference_steps - s.steps_to_run
+                skipped = family.skipped_steps(s.num_inference_steps, s.strength)
                 start = skipped * scheduler.order
                 if hasattr(scheduler, "set_begin_index"):
                     scheduler.set_begin_index(start)
-                latents = scheduler.add_noise(init_latents, noise, scheduler.timesteps[start:start + 1])
+                noised = getattr(scheduler, "scale_noise", None)  # the flow-matching schedulers' add_noise
+                t_start = scheduler.timesteps[start:start + 1]
+                latents = (noised(init_latents, t_start, noise) if noised else
+                           scheduler.add_noise(init_latents, noise, t_start))
             loops.append(SamplerLoop(settings=s, scheduler=scheduler, latents=latents, generator=generator,
                                       do_cfg=cfg and s.guidance_scale > 1, skipped_steps=skipped))
         initial_noise = noise
@@ -332,7 +336,7 @@ def denoise_steps(settings_list: list[Settings], pipe=None,
         **conditioning.facts)
     runs = [_to_run(loop, initial_noise, common) for loop in loops]
     if posterior is not None:
-        init_latents = posterior.mean.float().cpu() * pipe.vae.config.scaling_factor
+        init_latents = from_vae_space(pipe.vae, posterior.mean.float()).cpu()
         for run in runs:
             run.tensors["init_latents"] = init_latents
     return runs

@@ -54,7 +54,6 @@ class StableDiffusion:
     load_kwargs = dict(safety_checker=None, requires_safety_checker=False)  # this tool shows raw frames
     sampler_kind = "diffusion"  # which registry of samplers.REGISTRIES fits its models
     guidance_label = "Guidance scale (CFG)"  # what the guidance slider means for its models
-    img2img = True  # Settings.init_image runs (denoise.py)
     word_maps = True  # Settings.attention runs (attention.py records UNet cross-attention)
 
     def pipeline_class(self):
@@ -67,9 +66,6 @@ class StableDiffusion:
 
     def check_settings(self, settings) -> None:
         """Raise SettingsError if `settings` asks for what this family cannot do here."""
-        if settings.init_image is not None and not self.img2img:
-            raise SettingsError(f"img2img (an init image) is not supported for {self.name} models yet: "
-                                "remove the init image to generate from noise.")
         if settings.attention and not self.word_maps:
             raise SettingsError(f"Word maps are not available for {self.name} models: they read a UNet's "
                                 "cross-attention, and this model's transformer attends to text and image jointly. "
@@ -95,6 +91,11 @@ class StableDiffusion:
     def set_timesteps(self, pipe, scheduler, steps: int, device, latent_shape: tuple[int, int, int]) -> None:
         """Set `scheduler`'s schedule of `steps` steps as the family's pipeline does."""
         scheduler.set_timesteps(steps, device=device)
+
+    def skipped_steps(self, steps: int, strength: float) -> int:
+        """img2img: the schedule's steps skipped at `strength` (their noise comes from the image), as the family's
+        img2img pipeline counts them (SD: int(steps * strength) steps run)."""
+        return steps - min(int(steps * strength), steps)
 
     def guidance_kind(self, pipe) -> str:
         """What a guidance scale means for this model (RunInfo.guidance): "cfg", classifier-free guidance (a
@@ -181,7 +182,6 @@ class StableDiffusion3(StableDiffusion):
     pipelines = ("StableDiffusion3Pipeline",)
     load_kwargs = {}
     sampler_kind = "flow"
-    img2img = False  # StableDiffusion3Img2ImgPipeline noises with scale_noise: not wired yet
     word_maps = False  # MMDiT joint attention: no UNet cross-attention to read
 
     def pipeline_class(self):
@@ -193,6 +193,10 @@ class StableDiffusion3(StableDiffusion):
         if pipe.scheduler.config.get("use_dynamic_shifting"):
             raise ModelLoadError("This SD 3 model's scheduler shifts its schedule by the image size "
                                  "(use_dynamic_shifting); that is not supported yet.")
+
+    def skipped_steps(self, steps: int, strength: float) -> int:
+        """As StableDiffusion3Img2ImgPipeline (and FluxImg2ImgPipeline) count them: int(steps - steps * strength)."""
+        return int(max(steps - min(steps * strength, steps), 0))
 
     def denoiser(self, pipe):
         """The network that denoises: the MMDiT transformer."""

@@ -60,6 +60,7 @@ class RunFiles:
         `first_cell`: the cell of the event's sampler 0 (a generation of several models fills cells in turn)."""
         number = first_cell + event.sampler_index
         cell = self.cells[number]
+        cell.total = event.total_steps
         index = event.step.index - 1
         if len(cell.steps) == index:
             cell.steps.append(event.step)

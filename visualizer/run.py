@@ -83,15 +83,6 @@ class Settings:
                                 "(1024x1024) per image.")
         return self
 
-    @property
-    def is_img2img(self) -> bool:
-        return self.init_image is not None
-
-    @property
-    def steps_to_run(self) -> int:
-        """The steps that run: all of them, or for img2img the last `strength` of the schedule."""
-        return int(self.num_inference_steps * self.strength) if self.is_img2img else self.num_inference_steps
-
     def to_dict(self) -> dict:
         """The settings as JSON-ready data (the init image is not included)."""
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "init_image"}

@@ -162,7 +162,7 @@ class App:
         cell_settings = [replace(s, sampler=name) for s, samplers in jobs for name in samplers or [s.sampler]]
         run_id = self.store.new_id()
         files = RunFiles(self.store.output_dir / run_id / "player", comparison_labels(cell_settings),
-                         [s.steps_to_run for s in cell_settings])
+                         [s.num_inference_steps for s in cell_settings])  # img2img: fewer, told by the steps
         runs, last_sent = [], 0.0
         try:
             for number, (settings, samplers) in enumerate(jobs):
