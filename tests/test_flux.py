@@ -129,6 +129,16 @@ def test_img2img_matches_diffusers_flux_img2img_pipeline(flux):
     assert np.abs(final_image(pipe, run) - theirs).max() <= 2 / 255
 
 
+def test_word_maps_read_the_double_stream_blocks_and_leave_the_image_untouched(flux):
+    folder, pipe = flux
+    plain, mapped = (generate(settings(folder, attention=a), pipe) for a in (False, True))
+    assert torch.equal(plain.tensors["latents"], mapped.tensors["latents"])
+    assert mapped.info.attention["tokens"] == PROMPT.split()  # T5's tokens: no start token, the end one dropped
+    raw = mapped.tensors["attention_4"]  # 8x8 latents packed into a 4x4 grid of tokens
+    assert raw.shape == (6, 6, 4, 4) and (raw >= 0).all() and (raw.sum(1) <= 1).all()
+    assert not torch.allclose(raw[:, 0], raw[:, 1])
+
+
 def test_schnell_like_models_ignore_guidance_as_their_pipeline_does(schnell):
     folder, pipe = schnell
     runs = [generate(settings(folder, guidance_scale=g), pipe) for g in (1.0, 5.0)]
@@ -160,9 +170,8 @@ def test_flux_samplers_and_what_flux_refuses(flux):
     assert valid_for("flux") == list(FLUX_SAMPLERS) == ["Euler", "DPM++ 2M", "UniPC", "DEIS"]
     with pytest.raises(UnknownSamplerError, match="The Heun sampler does not fit Flux models"):
         generate(settings(folder, "Heun"), pipe)
-    for change, words in [(dict(negative_prompt="blue"), "no unconditional branch"), (dict(attention=True), "Word maps")]:
-        with pytest.raises(SettingsError, match=words):
-            generate(settings(folder, **change), pipe)
+    with pytest.raises(SettingsError, match="no unconditional branch"):
+        generate(settings(folder, negative_prompt="blue"), pipe)
     assert family_of(pipe).size_multiple(pipe) == 8  # the VAE's 4 x the 2x2 packing (16 for real Flux models)
 
 

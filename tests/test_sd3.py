@@ -159,10 +159,15 @@ def test_a_sampler_that_does_not_fit_sd3_names_the_valid_ones(sd3):
     assert type(make_scheduler("Euler", pipe.scheduler.config, "flow")).__name__ == "FlowMatchEulerDiscreteScheduler"
 
 
-def test_what_sd3_cannot_do_yet_is_refused_plainly(sd3):
+def test_word_maps_read_the_joint_attention_and_leave_the_image_untouched(sd3):
     folder, pipe = sd3
-    with pytest.raises(SettingsError, match="Word maps are not available"):
-        generate(settings(folder, attention=True), pipe)
+    plain, mapped = (generate(settings(folder, attention=a), pipe) for a in (False, True))
+    assert torch.equal(plain.tensors["latents"], mapped.tensors["latents"])
+    assert mapped.info.attention["tokens"] == PROMPT.split()  # CLIP's tokens of the prompt, start and end dropped
+    assert mapped.info.attention["resolutions"] == [4]  # the transformer's one grid: 8x8 latents in 2x2 patches
+    raw = mapped.tensors["attention_4"]  # [steps, words, 4, 4]: each image token's softmax share per word
+    assert raw.shape == (6, 6, 4, 4) and (raw >= 0).all() and (raw.sum(1) <= 1).all()
+    assert not torch.allclose(raw[:, 0], raw[:, 1]) and mapped.tensors["attention"].shape == (6, 6, 8, 8)
 
 
 @pytest.mark.parametrize("steps, strength", [(6, 0.8), (10, 0.5)])

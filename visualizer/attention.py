@@ -1,10 +1,14 @@
-"""Which word paints where: per-token cross-attention maps of the UNet, captured at every step.
+"""Which word paints where: per-token attention maps of the denoiser, captured at every step.
 
-`AttentionRecorder` installs a processor on every cross-attention layer (`attn2`) that leaves the layer's
-own computation untouched (so the image is bit-identical) and, beside it, computes the attention
-probabilities softmax(QK^T / sqrt(d)) of the conditional branch explicitly (SDPA never materialises them),
-averaged over heads. A step keeps the maps of its first model evaluation (as x0-hat does), per UNet
-resolution (layers of one resolution averaged) and combined on the latent grid.
+`AttentionRecorder` installs a processor on every layer where image and text meet that leaves the layer's own
+computation untouched (so the image is bit-identical) and, beside it, computes the attention probabilities
+softmax(QK^T / sqrt(d)) of the conditional branch explicitly (SDPA never materialises them), averaged over heads:
+- a UNet's cross-attention layers (`attn2`): image queries over the text keys;
+- an MMDiT's joint attention (SD 3's blocks, Flux's double-stream blocks), where image and text tokens attend to
+  each other in one softmax: the image queries' attention to the text keys, read from the very queries and keys
+  the layer hands to scaled_dot_product_attention (after its q/k norms and, for Flux, its rotary positions).
+A step keeps the maps of its first model evaluation (as x0-hat does), per resolution (layers of one resolution
+averaged; a transformer has one, its patch grid) and combined on the latent grid.
 
 Combined weighting: each resolution's map of a token is divided by its spatial mean and only what stands
 above that mean is kept (a layer that spreads a word evenly adds nothing), then the resolutions are
@@ -14,6 +18,9 @@ uniform and a raw sum washes out the 8x8 layers' sharp placement of the shape wo
 from __future__ import annotations
 
 from pathlib import Path
+
+import math
+import threading
 
 import numpy as np
 import torch
@@ -40,24 +47,63 @@ class _CrossAttentionProcessor:
         return out
 
 
-class AttentionRecorder:
-    """Collects, for the rows asked before each UNet call, the mean map per resolution over its layers."""
+class _JointAttentionProcessor:
+    """Runs an MMDiT layer's original processor, and records the conditional rows' head-averaged attention of the
+    image queries to the text keys (the share of each image token's one softmax that goes to each text token)."""
 
-    def __init__(self, unet):
-        self.unet = unet
+    def __init__(self, original, recorder: "AttentionRecorder", text_first: bool):
+        self.original, self.recorder, self.text_first = original, recorder, text_first
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, *args, **kwargs):
+        rows = [row for _, row in self.recorder.rows]
+        if not rows or encoder_hidden_states is None:  # Flux's single-stream blocks: text and image already joined
+            return self.original(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
+        images, texts = hidden_states.shape[1], encoder_hidden_states.shape[1]
+        image = slice(texts, texts + images) if self.text_first else slice(0, images)
+        text = slice(0, texts) if self.text_first else slice(images, images + texts)
+        sdpa, caller = F.scaled_dot_product_attention, threading.get_ident()
+
+        def recording(query, key, value, *a, **kw):  # [batch, heads, tokens, head dim], as SDPA takes them
+            if threading.get_ident() == caller:
+                scale = kw.get("scale") or 1 / math.sqrt(query.shape[-1])
+                q, k = query[rows][:, :, image].float(), key[rows].float()
+                probs = sum((q[:, h] @ k[:, h].transpose(1, 2) * scale).softmax(-1)[..., text]
+                            for h in range(q.shape[1]))  # one head at a time: a real model's maps are large
+                self.recorder.add(probs / q.shape[1])
+            return sdpa(query, key, value, *a, **kw)
+
+        F.scaled_dot_product_attention = recording  # looked up at call time by the processors
+        try:
+            return self.original(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
+        finally:
+            F.scaled_dot_product_attention = sdpa
+
+
+class AttentionRecorder:
+    """Collects, for the rows asked before each denoiser call, the mean map per resolution over its layers.
+    `joint`: None for a UNet (cross-attention layers), else an MMDiT's token order in its joint attention,
+    "image_first" (SD 3) or "text_first" (Flux)."""
+
+    def __init__(self, denoiser, joint: str | None = None):
+        self.denoiser, self.joint = denoiser, joint
         self.rows: list[tuple[int, int]] = []  # (sampler index, batch row of its conditional branch)
         self._sums: dict[int, torch.Tensor] = {}  # queries (h * w of a resolution) -> sum over layers
         self._counts: dict[int, int] = {}
-        self._original = dict(unet.attn_processors)
+        self._original = dict(denoiser.attn_processors)
+
+    def _wrap(self, name: str, processor):
+        if self.joint is None:
+            return _CrossAttentionProcessor(processor, self) if name.endswith("attn2.processor") else processor
+        if name.endswith(".attn.processor"):
+            return _JointAttentionProcessor(processor, self, text_first=self.joint == "text_first")
+        return processor
 
     def __enter__(self) -> "AttentionRecorder":
-        processors = {name: _CrossAttentionProcessor(p, self) if name.endswith("attn2.processor") else p
-                      for name, p in self._original.items()}
-        self.unet.set_attn_processor(processors)
+        self.denoiser.set_attn_processor({name: self._wrap(name, p) for name, p in self._original.items()})
         return self
 
     def __exit__(self, *exc) -> None:
-        self.unet.set_attn_processor(self._original)
+        self.denoiser.set_attn_processor(self._original)
 
     def add(self, probs: torch.Tensor) -> None:
         queries = probs.shape[1]
@@ -87,9 +133,6 @@ def combine(per_resolution: dict[int, torch.Tensor], latent_hw: tuple[int, int])
     return torch.stack(parts).mean(0)
 
 
-def token_span(token_strings: list[str]) -> slice:
-    """The positions of the prompt's own tokens in the text encoder's sequence (start and end excluded)."""
-    return slice(1, max(1, len(token_strings) - 1))
 
 
 def centroid(attention_map: torch.Tensor) -> tuple[float, float]:

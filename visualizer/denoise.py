@@ -37,7 +37,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from .attention import AttentionRecorder, combine, token_span
+from .attention import AttentionRecorder, combine
 from .decode import from_vae_space, shift_factor
 from .errors import NonFiniteError, SettingsError
 from .families import family_of
@@ -315,7 +315,7 @@ def denoise_steps(settings_list: list[Settings], pipe=None,
             loops.append(SamplerLoop(settings=s, scheduler=scheduler, latents=latents, generator=generator,
                                       do_cfg=cfg and s.guidance_scale > 1, skipped_steps=skipped))
         initial_noise = noise
-    recorder = AttentionRecorder(denoiser) if first.attention else None
+    recorder = AttentionRecorder(denoiser, family.joint_attention) if first.attention else None
     try:
         if recorder is not None:
             recorder.__enter__()
@@ -334,7 +334,7 @@ def denoise_steps(settings_list: list[Settings], pipe=None,
         seconds=round(time.perf_counter() - started, 3), lockstep_batch=len(loops), guidance=guidance,
         **_prompt_info(family, pipe, first.prompt),
         **conditioning.facts)
-    runs = [_to_run(loop, initial_noise, common) for loop in loops]
+    runs = [_to_run(loop, initial_noise, common, family.word_span(common["token_strings"])) for loop in loops]
     if posterior is not None:
         init_latents = from_vae_space(pipe.vae, posterior.mean.float()).cpu()
         for run in runs:
@@ -385,15 +385,14 @@ def _round(pipe, family, loops, conditioning, recorder: AttentionRecorder | None
     return events
 
 
-def _to_run(loop: SamplerLoop, initial_noise: torch.Tensor, common: dict) -> Run:
+def _to_run(loop: SamplerLoop, initial_noise: torch.Tensor, common: dict, words: slice) -> Run:
     tensors = {k: torch.cat(v).float().cpu() for k, v in loop.captured.items()}
     tensors["initial_noise"] = initial_noise.float().cpu()
     attention = None
-    if "attention" in tensors:  # keep the prompt's own tokens: one map each
-        span = token_span(common["token_strings"])
+    if "attention" in tensors:  # keep the prompt's own tokens (`words`): one map each
         for name in [k for k in tensors if k.startswith("attention")]:
-            tensors[name] = tensors[name][:, span].contiguous()
-        attention = {"tokens": [t.replace("</w>", "") for t in common["token_strings"][span]],
+            tensors[name] = tensors[name][:, words].contiguous()
+        attention = {"tokens": [t.replace("</w>", "").lstrip("\u2581") for t in common["token_strings"][words]],
                      "resolutions": sorted(int(k.split("_")[1]) for k in tensors if k.startswith("attention_"))}
     for name in ("latents", "x0"):
         if name in tensors and not torch.isfinite(tensors[name]).all():

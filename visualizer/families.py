@@ -54,7 +54,7 @@ class StableDiffusion:
     load_kwargs = dict(safety_checker=None, requires_safety_checker=False)  # this tool shows raw frames
     sampler_kind = "diffusion"  # which registry of samplers.REGISTRIES fits its models
     guidance_label = "Guidance scale (CFG)"  # what the guidance slider means for its models
-    word_maps = True  # Settings.attention runs (attention.py records UNet cross-attention)
+    joint_attention = None  # word maps (attention.py): None, UNet cross-attention; else the MMDiT's token order
 
     def pipeline_class(self):
         from diffusers import StableDiffusionPipeline
@@ -66,10 +66,6 @@ class StableDiffusion:
 
     def check_settings(self, settings) -> None:
         """Raise SettingsError if `settings` asks for what this family cannot do here."""
-        if settings.attention and not self.word_maps:
-            raise SettingsError(f"Word maps are not available for {self.name} models: they read a UNet's "
-                                "cross-attention, and this model's transformer attends to text and image jointly. "
-                                "Turn word maps off.")
 
     def denoiser(self, pipe):
         """The network that denoises: the UNet."""
@@ -113,8 +109,14 @@ class StableDiffusion:
         return {"timestep_cond": embedding.to(device=like.device, dtype=like.dtype)}
 
     def prompt_tokenizer(self, pipe) -> tuple:
-        """(tokenizer, token limit) of the encoder whose per-token states condition the denoiser."""
+        """(tokenizer, token limit) of the encoder whose per-token states condition the denoiser (and whose
+        tokens the word maps name)."""
         return pipe.tokenizer, pipe.tokenizer.model_max_length
+
+    def word_span(self, token_strings: list[str]) -> slice:
+        """The prompt's own words among the tokens (CLIP: without its start and end tokens), as the text keys
+        the word maps read are ordered (the prompt tokenizer's first)."""
+        return slice(1, max(1, len(token_strings) - 1))
 
     def encode_prompt(self, pipe, prompt: str, negative_prompt: str, do_cfg: bool,
                       size: tuple[int, int]) -> Conditioning:
@@ -182,7 +184,7 @@ class StableDiffusion3(StableDiffusion):
     pipelines = ("StableDiffusion3Pipeline",)
     load_kwargs = {}
     sampler_kind = "flow"
-    word_maps = False  # MMDiT joint attention: no UNet cross-attention to read
+    joint_attention = "image_first"  # the joint attention's tokens: image patches, then CLIP's and T5's text
 
     def pipeline_class(self):
         from diffusers import StableDiffusion3Pipeline
@@ -230,6 +232,7 @@ class Flux(StableDiffusion3):
     name = "Flux.1"
     pipelines = ("FluxPipeline",)
     sampler_kind = "flux"
+    joint_attention = "text_first"  # T5's tokens, then the image's
     guidance_label = "Guidance scale (Flux: an input of the model, no CFG branch; schnell ignores it)"
     max_sequence_length = 512  # FluxPipeline's default T5 token count
 
@@ -284,6 +287,10 @@ class Flux(StableDiffusion3):
 
     def prompt_tokenizer(self, pipe) -> tuple:
         return pipe.tokenizer_2, self.max_sequence_length
+
+    def word_span(self, token_strings: list[str]) -> slice:
+        """T5's tokens have no start token: every token but the end one."""
+        return slice(0, max(0, len(token_strings) - 1))
 
     def encode_prompt(self, pipe, prompt: str, negative_prompt: str, do_cfg: bool,
                       size: tuple[int, int]) -> Conditioning:
