@@ -1,5 +1,5 @@
-"""Launch the denoising visualizer: python app.py [--model M] [--host H] [--port P] [--share] [--auth user:pass]
-[--replicas N [--replica-threads T] [--ray-address ADDR]]"""
+"""Launch the denoising visualizer: python app.py [--model M] [--dtype D] [--offload] [--model-config FOLDER] [--host H]
+[--port P] [--share] [--auth user:pass] [--replicas N [--replica-threads T] [--ray-address ADDR]]"""
 import argparse
 import logging
 import ipaddress
@@ -18,9 +18,15 @@ def is_loopback(host: str) -> bool:
 
 
 def main(argv=None) -> None:
+    from visualizer.cli import add_load_options, load_options
+    from visualizer.errors import ModelLoadError
+    from visualizer.models import LoadOptions, configure
+
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="embedded",
-                        help="default model: embedded, sd15, sd21, sd-turbo, sdxl, sdxl-turbo, sd3.5-medium, a folder or hub id")
+                        help="default model: embedded, sd15, sd21, sd-turbo, sdxl, sdxl-turbo, sd3.5-medium, flux-schnell, a folder, "
+                             "a checkpoint file (.safetensors, .ckpt, .pt) or hub id")
+    add_load_options(parser)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--share", action="store_true", help="a public gradio.live link")
@@ -46,6 +52,14 @@ def main(argv=None) -> None:
         parser.error("--replicas and --replica-threads take a whole number from 1")
     if args.replica_threads and not (args.replicas or args.ray_address):
         parser.error("--replica-threads applies only with --replicas or --ray-address")
+    try:
+        options = load_options(args)
+    except ModelLoadError as error:
+        parser.error(str(error))
+    if (args.replicas or args.ray_address) and options != LoadOptions():
+        parser.error("--dtype, --offload and --model-config apply to this process only; Ray Serve replicas do not "
+                     "take them yet: drop them, or run without --replicas / --ray-address")
+    configure(options)
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "httpcore", "urllib3"):

@@ -202,3 +202,16 @@ def test_the_apps_sampler_menu_for_a_flux_folder(flux, tmp_path):
     assert menu["choices"] == valid_for("flux") and menu["value"] == ["Euler", "UniPC"]
     assert "no CFG branch" in app.guidance_label(folder)["label"]
     assert app.guidance_label("embedded")["label"] == "Guidance scale (CFG)"
+
+
+def test_flux_alias_and_the_dtype_auto_picks_per_family():
+    from visualizer.families import BY_KEY
+    from visualizer.models import LoadOptions, family_of_reference, resolve
+
+    assert resolve("flux-schnell").source == "black-forest-labs/FLUX.1-schnell"
+    assert family_of_reference("flux-schnell").key == "flux"  # without loading it or the network
+    auto, gpu = LoadOptions(), torch.device("cuda")  # a device object only: nothing runs on it
+    assert [auto.compute_dtype(gpu, BY_KEY[k]) for k in ("sd", "sdxl", "sd3", "flux")] == [
+        torch.float16, torch.float16, torch.bfloat16, torch.bfloat16]
+    assert auto.compute_dtype(torch.device("cpu"), BY_KEY["flux"]) == torch.float32
+    assert LoadOptions(dtype="fp16").compute_dtype(gpu, BY_KEY["flux"]) == torch.float16

@@ -88,7 +88,7 @@ def test_taesd_loads_from_a_local_folder_and_decodes(tmp_path, monkeypatch, tiny
 
 @pytest.mark.parametrize("pipeline, family", [
     ("StableDiffusionXLImg2ImgPipeline", "Stable Diffusion XL refiner / img2img"),
-    ("FluxPipeline", "Flux.1"),
+    ("PixArtAlphaPipeline", "PixArt-alpha"),
     ("SomeoneElsesPipeline", "another"),
 ])
 def test_a_folder_of_another_family_says_which_family_it_is(tmp_path, pipeline, family):
@@ -97,7 +97,7 @@ def test_a_folder_of_another_family_says_which_family_it_is(tmp_path, pipeline, 
         resolve(str(tmp_path))
     message = str(error.value)
     assert f"is a {family} model ({pipeline})" in message
-    assert "1.x / 2.x, Stable Diffusion XL and Stable Diffusion 3.x models only" in message
+    assert "1.x / 2.x, Stable Diffusion XL, Stable Diffusion 3.x and Flux.1 models only" in message
 
 
 def test_an_unreadable_model_index_is_said_plainly(tmp_path):

@@ -9,6 +9,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .errors import SettingsError, VisualizerError, user_message
+from .models import DTYPE_CHOICES, LoadOptions, configure
 from .run import Settings
 
 FORMATS = ("gif", "mp4", "webp", "zip", "sheet")
@@ -23,7 +24,9 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
     """Flags for every Settings field; an absent flag takes the Settings default."""
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt")
-    p.add_argument("--model", help="embedded (default), sd15, sd21, sd-turbo, sdxl, sdxl-turbo, sd3.5-medium, a folder or a hub id")
+    p.add_argument("--model", help="embedded (default), sd15, sd21, sd-turbo, sdxl, sdxl-turbo, sd3.5-medium, flux-schnell, a "
+                                   "folder, a checkpoint file (.safetensors, .ckpt, .pt) or a hub id")
+    add_load_options(p)
     p.add_argument("--steps", help="sampler steps (default 25)")
     p.add_argument("--guidance", help="classifier-free guidance scale (default 5.0)")
     p.add_argument("--seed", help="default 0")
@@ -38,6 +41,23 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--view", choices=("xt", "x0", "both"), default="xt", help="frames shown in animations")
     p.add_argument("--fps", type=float, default=8)
     p.add_argument("--out", required=True, type=Path)
+
+
+def add_load_options(p: argparse.ArgumentParser) -> None:
+    """Flags for how this process loads models (models.LoadOptions); app.py takes the same."""
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default=LoadOptions.dtype,
+                   help="the model's compute dtype, the VAE staying fp32 (default auto: on a GPU fp16 for SD 1.x / "
+                        "2.x and SDXL, bf16 for SD 3 and Flux; fp32 on the CPU)")
+    p.add_argument("--offload", action="store_true",
+                   help="GPU only: keep each model part in CPU memory until it runs (less GPU memory, slower)")
+    p.add_argument("--model-config", action="append", default=[], metavar="FOLDER",
+                   help="a diffusers model folder whose configs single-file checkpoints of its family load with "
+                        "(offline, instead of the Hugging Face cache's); repeat for other families")
+
+
+def load_options(args) -> LoadOptions:
+    """The LoadOptions the flags of add_load_options ask for (ModelLoadError if they cannot load)."""
+    return LoadOptions(dtype=args.dtype, offload=args.offload, configs=tuple(args.model_config))
 
 
 def _add_format_flags(p: argparse.ArgumentParser) -> None:
@@ -151,6 +171,7 @@ def cmd_run(args) -> None:
     from . import api
     from .export import export_run
 
+    configure(load_options(args))
     settings = settings_from_args(args)
     progress = _Progress(1, settings.sampler)
     try:
@@ -208,6 +229,7 @@ def cmd_compare(args) -> None:
     from .export import export_grid
 
     samplers = [s.strip() for s in args.samplers.split(",") if s.strip()]
+    configure(load_options(args))
     settings = settings_from_args(args)
     progress = _Progress(len(samplers), "lockstep")
     try:

@@ -62,9 +62,16 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
 
 
+def module_device(module) -> torch.device:
+    """Where `module` runs: its offload hook's device (enable_model_cpu_offload keeps its weights on the CPU until
+    it runs), else its weights' device."""
+    hook = getattr(module, "_hf_hook", None)
+    return getattr(hook, "execution_device", None) or next(module.parameters()).device
+
+
 def decode_batch_size(vae, latents: torch.Tensor) -> int:
     """How many frames of this size to decode per VAE call on the VAE's device."""
-    if next(vae.parameters()).device.type != "cpu":
+    if module_device(vae).type != "cpu":
         return GPU_BATCH
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     pixels = latents.shape[-2] * latents.shape[-1] * factor * factor
@@ -90,7 +97,7 @@ def from_vae_space(vae, latents: torch.Tensor) -> torch.Tensor:
 def vae_decode(vae, latents: torch.Tensor, batch_size: int | None = None) -> np.ndarray:
     """Scaled latents [N, C, h, w] -> uint8 frames [N, H, W, 3], exactly as the pipeline decodes.
     `batch_size` None = `decode_batch_size`."""
-    device = next(vae.parameters()).device
+    device = module_device(vae)
     dtype = next(vae.parameters()).dtype
     batch_size = batch_size or decode_batch_size(vae, latents)
     frames = []

@@ -274,7 +274,7 @@ def denoise_steps(settings_list: list[Settings], pipe=None,
     family = family_of(pipe)
     family.check_settings(first)
     denoiser = family.denoiser(pipe)
-    device = denoiser.device
+    device = pipe._execution_device  # with --offload the weights wait on the CPU; this is where they run
     scale_factor = pipe.vae_scale_factor
     height = first.height or family.default_size(pipe)
     width = first.width or family.default_size(pipe)
@@ -345,7 +345,7 @@ def denoise_steps(settings_list: list[Settings], pipe=None,
 def _encode_image(pipe, image: np.ndarray, height: int, width: int):
     """The VAE posterior of `image`, resized and centre-cropped to height x width."""
     pixels = pipe.image_processor.preprocess(Image.fromarray(image), height=height, width=width, resize_mode="crop")
-    return pipe.vae.encode(pixels.to(pipe.vae.device, pipe.vae.dtype)).latent_dist
+    return pipe.vae.encode(pixels.to(pipe._execution_device, pipe.vae.dtype)).latent_dist
 
 
 @torch.inference_mode()

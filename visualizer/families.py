@@ -54,6 +54,7 @@ class StableDiffusion:
     load_kwargs = dict(safety_checker=None, requires_safety_checker=False)  # this tool shows raw frames
     sampler_kind = "diffusion"  # which registry of samplers.REGISTRIES fits its models
     guidance_label = "Guidance scale (CFG)"  # what the guidance slider means for its models
+    gpu_dtype = torch.float16  # what --dtype auto runs its models in on a GPU (as diffusers' documentation does)
     joint_attention = None  # word maps (attention.py): None, UNet cross-attention; else the MMDiT's token order
 
     def pipeline_class(self):
@@ -122,7 +123,7 @@ class StableDiffusion:
                       size: tuple[int, int]) -> Conditioning:
         """Conditioning of `prompt` (and, with CFG, of `negative_prompt`; "" = the empty prompt) for a
         `size` = (height, width) image, exactly as the family's diffusers pipeline computes it."""
-        positive, negative = pipe.encode_prompt(prompt, pipe.unet.device, 1, do_cfg, negative_prompt or None)
+        positive, negative = pipe.encode_prompt(prompt, pipe._execution_device, 1, do_cfg, negative_prompt or None)
         return Conditioning({"prompt_embeds": positive}, {"prompt_embeds": negative} if do_cfg else None,
                             {"family": self.key})
 
@@ -159,7 +160,7 @@ class StableDiffusionXL(StableDiffusion):
 
     def encode_prompt(self, pipe, prompt: str, negative_prompt: str, do_cfg: bool,
                       size: tuple[int, int]) -> Conditioning:
-        device = pipe.unet.device
+        device = pipe._execution_device
         embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
             prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=do_cfg,
             negative_prompt=negative_prompt or None)
@@ -185,6 +186,7 @@ class StableDiffusion3(StableDiffusion):
     load_kwargs = {}
     sampler_kind = "flow"
     joint_attention = "image_first"  # the joint attention's tokens: image patches, then CLIP's and T5's text
+    gpu_dtype = torch.bfloat16  # SD 3.5 and Flux are run in bf16 (fp16 changes their images)
 
     def pipeline_class(self):
         from diffusers import StableDiffusion3Pipeline
@@ -211,7 +213,7 @@ class StableDiffusion3(StableDiffusion):
     def encode_prompt(self, pipe, prompt: str, negative_prompt: str, do_cfg: bool,
                       size: tuple[int, int]) -> Conditioning:
         embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
-            prompt, None, None, device=pipe.transformer.device, num_images_per_prompt=1,
+            prompt, None, None, device=pipe._execution_device, num_images_per_prompt=1,
             do_classifier_free_guidance=do_cfg, negative_prompt=negative_prompt or None)
         facts = {"family": self.key, "pooled_embedding_shape": list(pooled.shape)}
         positive = {"prompt_embeds": embeds, "pooled_projections": pooled}
@@ -294,7 +296,7 @@ class Flux(StableDiffusion3):
 
     def encode_prompt(self, pipe, prompt: str, negative_prompt: str, do_cfg: bool,
                       size: tuple[int, int]) -> Conditioning:
-        embeds, pooled, _ = pipe.encode_prompt(prompt, None, device=pipe.transformer.device, num_images_per_prompt=1,
+        embeds, pooled, _ = pipe.encode_prompt(prompt, None, device=pipe._execution_device, num_images_per_prompt=1,
                                                max_sequence_length=self.max_sequence_length)
         facts = {"family": self.key, "pooled_embedding_shape": list(pooled.shape)}
         return Conditioning({"prompt_embeds": embeds, "pooled_projections": pooled}, None, facts)

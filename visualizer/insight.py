@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .decode import from_vae_space, vae_decode
+from .decode import from_vae_space, module_device, vae_decode
 from .denoise import predictions
 from .samplers import config_notes
 
@@ -285,7 +285,7 @@ def forward_noising(run, image: np.ndarray, vae, seed: int = 0) -> list[np.ndarr
     sigma with one fixed noise draw, and decoded; returns one uint8 frame per step, at the run's size."""
     h, w = run.info.image_size or image.shape[:2]
     pixels = np.asarray(Image.fromarray(image).convert("RGB").resize((w, h), Image.Resampling.BICUBIC))
-    device = next(vae.parameters()).device
+    device = module_device(vae)
     x = torch.from_numpy(pixels.copy()).permute(2, 0, 1)[None].float().div(127.5).sub(1).to(device)
     latents = from_vae_space(vae, vae.encode(x).latent_dist.mean)
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed)).to(device)
