@@ -41,6 +41,19 @@ def test_compare_and_reexport(tiny_model, tmp_path):
     assert Image.open(out / "euler" / "denoising.gif").n_frames == 4
 
 
+def test_compare_models_writes_one_folder_per_model_and_one_grid(tiny_model, tmp_path):
+    out = tmp_path / "models"
+    result = cli("compare", "--prompt", "a red circle", "--models", f"embedded,{tiny_model}", "--samplers", "DDIM",
+                 "--steps", "4", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    folders = {"embedded-ddim", f"{Path(tiny_model).name}-ddim"}
+    assert {p.name for p in out.iterdir()} >= {"grid.png", "grid.gif", "convergence.png", *folders}
+    sizes = {json.loads((out / f / "run.json").read_text())["info"]["image_size"][0] for f in folders}
+    assert sizes == {64, 32} and Image.open(out / "grid.gif").n_frames == 4  # each model's native size, aligned
+    result = cli("compare", "--prompt", "a red circle", "--out", str(tmp_path / "none"))
+    assert result.returncode != 0 and "--samplers" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_run_img2img_from_an_image_file(tiny_model, tmp_path):
     Image.new("RGB", (48, 40), (30, 90, 200)).save(tmp_path / "init.png")  # resized and cropped to 32x32
     out = tmp_path / "img2img"

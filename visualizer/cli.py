@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 import sys
 from pathlib import Path
@@ -75,8 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--map", action="store_true", help="write map.png: the run's path through image space (2D map)")
     p.add_argument("--map-seeds", type=int, default=1, metavar="K",
                    help="with --map: the paths of K seeds from --seed on (latents only for the extra ones)")
-    p = sub.add_parser("compare", help="several samplers, same seed and noise, side by side")
-    p.add_argument("--samplers", required=True, help='comma-separated, e.g. "Euler,DDIM,DPM++ 2M"')
+    p = sub.add_parser("compare", help="several samplers (same seed and noise) or models, side by side")
+    p.add_argument("--samplers", help='comma-separated, e.g. "Euler,DDIM,DPM++ 2M"')
+    p.add_argument("--models", help='instead, 2 to 4 models, comma-separated, e.g. "embedded,sd15,sdxl": each runs the '
+                                    "first of --samplers where it fits it (else Euler)")
     _add_generation_options(p)
     p.add_argument("--mp4", action="store_true", help="also write grid.mp4")
     p.add_argument("--runs-only", action="store_true", help="write only the run folders (no grid or plots)")
@@ -110,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replicas", default=None, metavar="N,M,...",
                    help="instead: 4 concurrent 40-step runs on N, then M, ... Ray Serve replicas (e.g. 1,2)")
     p.add_argument("--replica-threads", type=int, default=1, help="torch threads per replica (with --replicas)")
+    p.add_argument("--families", action="store_true",
+                   help="instead: capture cost per model family (SD, SDXL, SD 3, Flux) on tiny random models")
     return parser
 
 
@@ -226,29 +231,37 @@ def write_plots(runs: list, folder: Path, schedule: bool = False) -> None:
 
 def cmd_compare(args) -> None:
     from . import api
-    from .export import export_grid
+    from .export import comparison_labels, export_grid
 
-    samplers = [s.strip() for s in args.samplers.split(",") if s.strip()]
+    samplers = [s.strip() for s in (args.samplers or "").split(",") if s.strip()]
+    models = [m.strip() for m in (args.models or "").split(",") if m.strip()]
+    if not samplers and not models:
+        raise SettingsError("Give --samplers (2 or more, comma-separated) or --models (2 to 4).")
     configure(load_options(args))
     settings = settings_from_args(args)
-    progress = _Progress(len(samplers), "lockstep")
+    if samplers:
+        settings = dataclasses.replace(settings, sampler=samplers[0])
+    progress = _Progress(len(models) if models else len(samplers), "models" if models else "lockstep")
     try:
-        runs = api.compare(settings, samplers, callback=progress)
+        runs = (api.compare_models(settings, models, callback=progress) if models else
+                api.compare(settings, samplers, callback=progress))
     finally:
         progress.close()
     _warn_truncation(runs[0])
-    for r in runs:
-        r.save(args.out / slug(r.settings.sampler))
+    folders = [args.out / slug(label) for label in comparison_labels([r.settings for r in runs])]
+    for r, folder in zip(runs, folders):
+        r.save(folder)
         if args.attention_token:
             from .attention import export_token
 
-            export_token(r, args.out / slug(r.settings.sampler), args.attention_token, fps=args.fps)
+            export_token(r, folder, args.attention_token, fps=args.fps)
+    what = f"{len(runs)} {'models' if models else 'samplers'}"
     if args.runs_only:
-        print(f"{len(runs)} samplers -> {args.out}/ (one run folder per sampler)")
+        print(f"{what} -> {args.out}/ (one run folder each)")
         return
     export_grid(runs, args.out, ["png", "gif"] + (["mp4"] if args.mp4 else []), view=args.view, fps=args.fps)
     write_plots(runs, args.out)
-    print(f"{len(runs)} samplers -> {args.out}/ (grid.png, grid.gif, convergence.png, one folder per sampler)")
+    print(f"{what} -> {args.out}/ (grid.png, grid.gif, convergence.png, one run folder each)")
 
 
 TOY_FLAGS = {"pattern": ("pattern", str), "num_inference_steps": ("steps", int), "seed": ("seed", int),
@@ -290,6 +303,11 @@ def cmd_export(args) -> None:
 
 
 def cmd_bench(args) -> None:
+    if args.families:
+        from .bench_families import format_rows, main as bench_families
+
+        print(format_rows(bench_families(repeats=max(args.repeats, 5))))
+        return
     if args.replicas:
         from .bench_serve import main as bench_serve
 

@@ -12,6 +12,7 @@ from PIL import Image
 
 from .decode import from_vae_space, module_device, vae_decode
 from .denoise import predictions
+from .export import comparison_labels
 from .samplers import config_notes
 
 
@@ -74,20 +75,20 @@ def figure_png(fig) -> np.ndarray:
     return np.asarray(Image.open(buffer).convert("RGB"))
 
 
-def convergence_plot(runs, current: int | None = None, labels: list[str] | None = None):
+def convergence_plot(runs, current: int | None = None):
     """A matplotlib figure: 1 - SSIM(x0-hat, final) and latent distance per step, progress on x, one line
-    per run; the structure step is marked, and the `current` step (1-based, first run) highlighted."""
+    per run (named as in a comparison: by sampler, or model and sampler); the structure step is marked, and the
+    `current` step (1-based, first run) highlighted."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 3.0))
-    for k, run in enumerate(runs):
+    for k, (run, label) in enumerate(zip(runs, comparison_labels([r.settings for r in runs]))):
         metrics = run.info.metrics or step_metrics(run)
         n = len(metrics)
         x = [m["step"] / n * 100 for m in metrics]
-        label = labels[k] if labels else run.settings.sampler
         line, = ax.plot(x, [1 - m["ssim_x0_to_final"] for m in metrics], marker=".", label=f"{label}: 1 - SSIM")
         if len(runs) == 1:
             ax.plot(x, [m["latent_distance_x0_to_final"] for m in metrics], ls="--", color="gray",
