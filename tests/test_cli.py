@@ -69,6 +69,8 @@ def test_run_img2img_from_an_image_file(tiny_model, tmp_path):
 def test_samplers_lists_the_registry():
     result = cli("samplers")
     assert result.returncode == 0 and "DPM++ 2M Karras" in result.stdout and "Heun" in result.stdout
+    flux = result.stdout.split("for Flux models")[1]
+    assert "FlowMatchEulerDiscreteScheduler" in flux and "Heun" not in flux and "flow sigmas" in flux
 
 
 def test_installed_commands_work_from_any_folder(tmp_path):

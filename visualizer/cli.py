@@ -285,11 +285,14 @@ def cmd_toy(args) -> None:
 
 
 def cmd_samplers(args) -> None:
-    from .samplers import SAMPLERS, TWO_EVALUATION_SAMPLERS
+    from .samplers import KINDS, REGISTRIES, TWO_EVALUATION_SAMPLERS
 
-    for name, (cls, overrides) in SAMPLERS.items():
-        extra = ", two model evaluations per step" if name in TWO_EVALUATION_SAMPLERS else ""
-        print(f"{name:16s} {cls.__name__}{' ' + str(overrides) if overrides else ''}{extra}")
+    for kind, registry in REGISTRIES.items():
+        print(f"for {KINDS[kind]}:")
+        for name, (cls, overrides) in registry.items():
+            extra = ", two model evaluations per step" if name in TWO_EVALUATION_SAMPLERS else ""
+            settings = " flow sigmas, flow_prediction" if callable(overrides) else f" {overrides}" if overrides else ""
+            print(f"  {name:16s} {cls.__name__}{settings}{extra}")
 
 
 def cmd_export(args) -> None:
