@@ -155,7 +155,7 @@ def build(config: AppConfig) -> gr.Blocks:
                                                label="Steps", interactive=False, max_height=240)
             run_id = gr.State(example_single)
 
-        with gr.Tab("Compare samplers"):
+        with gr.Tab("Compare samplers / models"):
             with gr.Row(elem_classes="player-first"):
                 with gr.Column(scale=3, min_width=320):
                     c_play = _player(app.initial_props(1), "c-player")
