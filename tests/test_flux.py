@@ -215,3 +215,18 @@ def test_flux_alias_and_the_dtype_auto_picks_per_family():
         torch.float16, torch.float16, torch.bfloat16, torch.bfloat16]
     assert auto.compute_dtype(torch.device("cpu"), BY_KEY["flux"]) == torch.float32
     assert LoadOptions(dtype="fp16").compute_dtype(gpu, BY_KEY["flux"]) == torch.float16
+
+
+def test_the_app_streams_a_flux_run_into_the_player(flux, tmp_path):
+    from visualizer.ui_handlers import App, AppConfig
+
+    folder, _ = flux
+    app = App(AppConfig(output_dir=tmp_path, example_dir=None))
+    updates = list(app.generate(PROMPT, "", SEED, 4, 3.5, "Euler", 32, 32, folder))
+    props, final, run_id, _, status, *_, stages = updates[-1]
+    assert status.startswith("Done: 4 steps") and final.shape == (32, 32, 3)
+    cell = props["cells"][0]
+    assert len(cell["frames"]["x0"]) == len(cell["frames"]["latents"]) == 4 and cell["curve"]
+    assert cell["steps"][0]["sigma"] == pytest.approx(1.0, abs=1e-3)  # flow sigma in [0, 1] on the schedule plot
+    assert "(Flux)" in stages and "no unconditional branch" in stages
+    assert app.guidance(run_id, 2) == (None,) * 4  # no unconditional branch: the guidance panel stays empty
