@@ -288,6 +288,25 @@ def test_settings_downloads_and_forward_noising(server, browser, tmp_path):
     page.close()
 
 
+def test_the_true_cfg_slider_reaches_the_run_and_a_wrong_use_is_explained(server, browser):
+    """True CFG is Flux's: on the server's SD model, setting it above 1 gets a message, and the player keeps its run."""
+    page = open_page(browser, server)
+    player = Player(page)
+    before = player.srcs()
+    page.get_by_text("Negative prompt, size and model").first.click()
+    box = page.locator("#true-cfg input[type=number]")
+    box.fill("3")
+    box.press("Enter")
+    page.locator("#generate").click()
+    page.get_by_text("True CFG is for Flux models").first.wait_for(timeout=30000)
+    assert player.srcs() == before
+    box.fill("1")
+    box.press("Enter")
+    generate(page, steps=4)
+    player.wait_status("Done: 4 steps")
+    page.close()
+
+
 def compare(browser, server, prompt, steps=None, word_maps=False):
     """Open the page, run a comparison of the default 4 samplers from the Compare tab; (page, its player)."""
     page = open_page(browser, server)

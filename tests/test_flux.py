@@ -139,6 +139,27 @@ def test_word_maps_read_the_double_stream_blocks_and_leave_the_image_untouched(f
     assert not torch.allclose(raw[:, 0], raw[:, 1])
 
 
+@pytest.mark.parametrize("negative", ["blue square", ""])
+def test_true_cfg_runs_a_negative_branch_as_flux_pipeline_does(flux, negative):
+    folder, pipe = flux
+    run = generate(settings(folder, negative_prompt=negative, true_cfg_scale=4.0), pipe)
+    assert "eps_cond" in run.tensors and run.info.guidance == "distilled"  # both: distilled guidance in each branch
+    reference = FluxPipeline(**pipe.components)
+    reference.set_progress_bar_config(disable=True)
+    theirs = reference(PROMPT, negative_prompt=negative, true_cfg_scale=4.0, guidance_scale=3.5, num_inference_steps=6,
+                       height=32, width=32, generator=torch.Generator().manual_seed(SEED), output_type="np").images[0]
+    assert np.abs(final_image(pipe, run) - theirs).max() <= 2 / 255
+    assert not torch.allclose(run.tensors["latents"][-1], generate(settings(folder), pipe).tensors["latents"][-1])
+    parts = api.guidance_breakdown(run, 2)
+    assert set(parts) == {"uncond", "cond", "guided", "added"} and parts["added"].max() > 0
+    assert "**true CFG** (scale 4)" in pipeline_stages(run)
+
+
+def test_true_cfg_is_for_flux_only(tmp_path, tiny_model):
+    with pytest.raises(SettingsError, match="True CFG is for Flux"):
+        generate(Settings(prompt=PROMPT, model=tiny_model, num_inference_steps=2, true_cfg_scale=3.0))
+
+
 def test_schnell_like_models_ignore_guidance_as_their_pipeline_does(schnell):
     folder, pipe = schnell
     runs = [generate(settings(folder, guidance_scale=g), pipe) for g in (1.0, 5.0)]
@@ -230,3 +251,14 @@ def test_the_app_streams_a_flux_run_into_the_player(flux, tmp_path):
     assert cell["steps"][0]["sigma"] == pytest.approx(1.0, abs=1e-3)  # flow sigma in [0, 1] on the schedule plot
     assert "(Flux)" in stages and "no unconditional branch" in stages
     assert app.guidance(run_id, 2) == (None,) * 4  # no unconditional branch: the guidance panel stays empty
+
+
+def test_the_apps_true_cfg_gives_flux_a_guidance_breakdown(flux, tmp_path):
+    from visualizer.ui_handlers import App, AppConfig
+
+    folder, _ = flux
+    app = App(AppConfig(output_dir=tmp_path, example_dir=None))
+    *_, last = app.generate(PROMPT, "blue square", SEED, 4, 3.5, "Euler", 32, 32, folder, None, None, False, 4.0)
+    run = app.store.get(last[2])[0]
+    assert run.settings.true_cfg_scale == 4.0 and "eps_cond" in run.tensors
+    assert all(image is not None for image in app.guidance(last[2], 2))  # the four panels, filled

@@ -29,7 +29,9 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
                                    "folder, a checkpoint file (.safetensors, .ckpt, .pt) or a hub id")
     add_load_options(p)
     p.add_argument("--steps", help="sampler steps (default 25)")
-    p.add_argument("--guidance", help="classifier-free guidance scale (default 5.0)")
+    p.add_argument("--guidance", help="classifier-free guidance scale (default 5.0; Flux: its distilled guidance)")
+    p.add_argument("--true-cfg", help="Flux only: true classifier-free guidance scale with the negative prompt "
+                                      "(default 1: off)")
     p.add_argument("--seed", help="default 0")
     p.add_argument("--width", help="pixels (default: the model's native size)")
     p.add_argument("--height", help="pixels (default: the model's native size)")
@@ -129,6 +131,7 @@ FLAGS = {  # Settings field -> (flag, parser)
     "negative_prompt": ("negative_prompt", str), "model": ("model", str), "sampler": ("sampler", str),
     "num_inference_steps": ("steps", int), "guidance_scale": ("guidance", float), "seed": ("seed", int),
     "width": ("width", int), "height": ("height", int), "strength": ("strength", float),
+    "true_cfg_scale": ("true_cfg", float),
 }
 
 

@@ -82,12 +82,12 @@ class SamplerLoop:
     """One sampler's state: its own scheduler, latents, generator and captured steps.
 
     Model-agnostic: a caller feeds it the (guided) output of any denoiser for `model_input()` (the image
-    models here, the 2D points of toy.py); `settings` needs num_inference_steps, guidance_scale, sampler."""
+    models here, the 2D points of toy.py); `settings` needs num_inference_steps and sampler."""
     settings: Settings
     scheduler: object
     latents: torch.Tensor
     generator: torch.Generator
-    do_cfg: bool
+    cfg_scale: float | None  # classifier-free guidance's scale (the caller's guide() applies it); None: no CFG
     skipped_steps: int = 0  # img2img: schedule steps before the start (their noise comes from the image)
     timesteps: list[float] = field(default_factory=list)
     position: int = 0  # index of the next model evaluation
@@ -112,6 +112,10 @@ class SamplerLoop:
             self.step_kwargs["eta"] = 0.0
         if "generator" in accepted:
             self.step_kwargs["generator"] = self.generator
+
+    @property
+    def do_cfg(self) -> bool:
+        return self.cfg_scale is not None
 
     @property
     def init_noise_sigma(self) -> float:
@@ -285,14 +289,14 @@ def denoise_steps(settings_list: list[Settings], pipe=None,
                             f"{width}x{height}. Try {w}x{h}.")
     started = time.perf_counter()
     with torch.inference_mode():
-        guidance = family.guidance_kind(pipe)
-        cfg = guidance == "cfg"  # else the scale is an input of the model (LCM, Flux.1-dev) or unused (schnell)
-        any_cfg = cfg and any(s.guidance_scale > 1 for s in settings_list)
+        guidance = family.guidance_kind(pipe)  # cfg, or an input of the model (LCM, Flux.1-dev), or unused
+        cfg_scales = [family.cfg_scale(pipe, s) for s in settings_list]
+        any_cfg = any(scale is not None for scale in cfg_scales)
         conditioning = family.encode_prompt(pipe, first.prompt, first.negative_prompt, any_cfg, (height, width))
         dtype = conditioning.prompt_embeds.dtype
         posterior = None if first.init_image is None else _encode_image(pipe, first.init_image, height, width)
         loops = []
-        for s in settings_list:
+        for s, cfg_scale in zip(settings_list, cfg_scales):
             scheduler = make_scheduler(s.sampler, pipe.scheduler.config, family.sampler_kind)
             shape = (1, *family.latent_shape(pipe, height, width))
             family.set_timesteps(pipe, scheduler, s.num_inference_steps, device, shape[1:])
@@ -313,7 +317,7 @@ def denoise_steps(settings_list: list[Settings], pipe=None,
                 latents = (noised(init_latents, t_start, noise) if noised else
                            scheduler.add_noise(init_latents, noise, t_start))
             loops.append(SamplerLoop(settings=s, scheduler=scheduler, latents=latents, generator=generator,
-                                      do_cfg=cfg and s.guidance_scale > 1, skipped_steps=skipped))
+                                      cfg_scale=cfg_scale, skipped_steps=skipped))
         initial_noise = noise
     recorder = AttentionRecorder(denoiser, family.joint_attention) if first.attention else None
     try:
@@ -372,7 +376,7 @@ def _round(pipe, family, loops, conditioning, recorder: AttentionRecorder | None
         loop = loops[i]
         if loop.do_cfg:
             uncond, cond = output[offset:offset + 1], output[offset + 1:offset + 2]
-            guided = guide(uncond, cond, loop.settings.guidance_scale)
+            guided = guide(uncond, cond, loop.cfg_scale)
             offset += 2
         else:
             guided, cond, uncond = output[offset:offset + 1], None, None

@@ -54,6 +54,7 @@ class StableDiffusion:
     load_kwargs = dict(safety_checker=None, requires_safety_checker=False)  # this tool shows raw frames
     sampler_kind = "diffusion"  # which registry of samplers.REGISTRIES fits its models
     guidance_label = "Guidance scale (CFG)"  # what the guidance slider means for its models
+    cfg_setting = "guidance_scale"  # the Settings field that is classifier-free guidance's scale
     gpu_dtype = torch.float16  # what --dtype auto runs its models in on a GPU (as diffusers' documentation does)
     joint_attention = None  # word maps (attention.py): None, UNet cross-attention; else the MMDiT's token order
 
@@ -67,6 +68,16 @@ class StableDiffusion:
 
     def check_settings(self, settings) -> None:
         """Raise SettingsError if `settings` asks for what this family cannot do here."""
+        if settings.true_cfg_scale > 1:
+            raise SettingsError(f"True CFG is for Flux models; {self.name} models run classifier-free guidance with "
+                                "the guidance scale. Set the true CFG scale to 1.")
+
+    def cfg_scale(self, pipe, settings) -> float | None:
+        """The classifier-free guidance scale of a run with `settings`: guided = uncond + scale * (cond - uncond);
+        None for a run without CFG (scale <= 1, or guidance that is not CFG: guidance_kind)."""
+        if self.guidance_kind(pipe) != "cfg" or settings.guidance_scale <= 1:
+            return None
+        return getattr(settings, self.cfg_setting)
 
     def denoiser(self, pipe):
         """The network that denoises: the UNet."""
@@ -234,6 +245,7 @@ class Flux(StableDiffusion3):
     name = "Flux.1"
     pipelines = ("FluxPipeline",)
     sampler_kind = "flux"
+    cfg_setting = "true_cfg_scale"
     joint_attention = "text_first"  # T5's tokens, then the image's
     guidance_label = "Guidance scale (Flux: an input of the model, no CFG branch; schnell ignores it)"
     max_sequence_length = 512  # FluxPipeline's default T5 token count
@@ -247,10 +259,14 @@ class Flux(StableDiffusion3):
         """Every Flux.1 model runs (its dynamic shifting is the family's own schedule)."""
 
     def check_settings(self, settings) -> None:
-        super().check_settings(settings)
-        if settings.negative_prompt:
-            raise SettingsError("Flux.1 has no unconditional branch, so a negative prompt has no effect (it needs "
-                                "true CFG, which this version does not run). Clear the negative prompt.")
+        if settings.negative_prompt and settings.true_cfg_scale <= 1:
+            raise SettingsError("Flux.1 has no unconditional branch, so a negative prompt has no effect unless true "
+                                "CFG runs one: set the true CFG scale above 1, or clear the negative prompt.")
+
+    def cfg_scale(self, pipe, settings) -> float | None:
+        """True CFG (FluxPipeline's true_cfg_scale > 1): a second, negative branch (the negative prompt, else the
+        empty prompt) every step, beside the distilled guidance the transformer takes in both branches."""
+        return settings.true_cfg_scale if settings.true_cfg_scale > 1 else None
 
     def size_multiple(self, pipe) -> int:
         """The VAE's factor times 2: a 2x2 patch of latents is one image token."""
@@ -296,10 +312,13 @@ class Flux(StableDiffusion3):
 
     def encode_prompt(self, pipe, prompt: str, negative_prompt: str, do_cfg: bool,
                       size: tuple[int, int]) -> Conditioning:
-        embeds, pooled, _ = pipe.encode_prompt(prompt, None, device=pipe._execution_device, num_images_per_prompt=1,
-                                               max_sequence_length=self.max_sequence_length)
-        facts = {"family": self.key, "pooled_embedding_shape": list(pooled.shape)}
-        return Conditioning({"prompt_embeds": embeds, "pooled_projections": pooled}, None, facts)
+        branches = []
+        for text in [prompt, negative_prompt] if do_cfg else [prompt]:
+            embeds, pooled, _ = pipe.encode_prompt(text, None, device=pipe._execution_device, num_images_per_prompt=1,
+                                                   max_sequence_length=self.max_sequence_length)
+            branches.append({"prompt_embeds": embeds, "pooled_projections": pooled})
+        facts = {"family": self.key, "pooled_embedding_shape": list(branches[0]["pooled_projections"].shape)}
+        return Conditioning(branches[0], branches[1] if do_cfg else None, facts)
 
     def predict(self, pipe, latents: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning,
                 rows: list[bool], **extra) -> torch.Tensor:

@@ -13,6 +13,7 @@ from PIL import Image
 from .decode import from_vae_space, module_device, vae_decode
 from .denoise import predictions
 from .export import comparison_labels
+from .families import BY_KEY
 from .samplers import config_notes
 
 
@@ -183,7 +184,8 @@ def guidance_breakdown(run, index: int, vae) -> dict[str, np.ndarray] | None:
         x0_cond, _ = predictions(t["x_in"][step], t["eps_cond"][step], sigma, "epsilon")
         difference = t["eps_cond"][index] - t["eps_uncond"][index]
     decoded = vae_decode(vae, torch.cat([x0_uncond, x0_cond, t["x0"][step]]))
-    added = (run.settings.guidance_scale * difference).norm(dim=0).numpy()
+    scale = getattr(run.settings, BY_KEY[run.info.family].cfg_setting)
+    added = (scale * difference).norm(dim=0).numpy()
     size = decoded.shape[1]
     added_image = np.asarray(Image.fromarray(heat(added)).resize((size, size), Image.Resampling.NEAREST))
     return {"uncond": decoded[0], "cond": decoded[1], "guided": decoded[2], "added": added_image}
@@ -224,19 +226,21 @@ def pipeline_stages(run) -> str:
         _text_encoders(run, cfg),
         start,
         f"4. **{denoiser}: {i.unet_evaluations} evaluations for {len(run)} steps, batch of {2 if cfg else 1} per "
-        f"evaluation{', in lockstep with other samplers' if i.lockstep_batch > 1 else ''}{_GUIDANCE_NOTES[i.guidance]}",
+        f"evaluation{', in lockstep with other samplers' if i.lockstep_batch > 1 else ''}{_guidance_note(run, cfg)}",
         f"5. **Scheduler**: {i.scheduler} ({settings}){notes}",
         f"6. **VAE**: latents / {i.vae_scaling_factor:.4f}{shift}, upsampled x{i.vae_scale_factor} to a {w}x{h} image",
     ])
 
 
 _TOKENIZER_NOTES = {"sd3": " (CLIP; T5 reads up to 256)", "flux": " (T5; CLIP reads up to 77 for the pooled embedding)"}
-_GUIDANCE_NOTES = {  # what the guidance scale meant (RunInfo.guidance)
-    "cfg": "",
-    "distilled": "; the guidance scale is an **input** of the model (guidance-distilled): there is no unconditional "
-                 "branch, so no CFG breakdown",
-    "none": "; this model takes **no guidance** (the scale is ignored, as its pipeline ignores it)",
-}
+def _guidance_note(run, cfg: bool) -> str:
+    """What the guidance scale meant (RunInfo.guidance), and Flux's true CFG."""
+    note = {"cfg": "", "distilled": "; the guidance scale is an **input** of the model (guidance-distilled)",
+            "none": "; this model takes **no guidance** (the scale is ignored, as its pipeline ignores it)"}[run.info.guidance]
+    if run.info.guidance != "cfg":
+        note += (f", and **true CFG** (scale {run.settings.true_cfg_scale:g}) adds a negative branch: the batch of 2"
+                 if cfg else ": there is no unconditional branch, so no CFG breakdown")
+    return note
 
 
 def _text_encoders(run, cfg: bool) -> str:

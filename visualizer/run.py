@@ -39,6 +39,8 @@ class Settings:
     # classifier-free guidance; <= 1 turns CFG off. Below SD's customary 7.5: the embedded model follows
     # prompts best from 2 to 5 and distorts its shapes at 7.5 (README, "How good it is")
     guidance_scale: float = 5.0
+    true_cfg_scale: float = 1.0  # Flux only (where guidance_scale is an input of the model): > 1 runs true
+    # classifier-free guidance with the negative prompt, as FluxPipeline's true_cfg_scale
     seed: int = 0  # seeds the initial noise and any sampler noise
     width: int | None = None  # pixels; None = the model's native size
     height: int | None = None  # pixels; None = the model's native size
@@ -61,6 +63,10 @@ class Settings:
         if not 0 <= self.guidance_scale <= MAX_GUIDANCE:
             raise SettingsError(f"Guidance scale must be a finite number from 0 to {MAX_GUIDANCE:g}, "
                                 f"got {self.guidance_scale}.")
+        self.true_cfg_scale = _number("True CFG scale", self.true_cfg_scale)
+        if not 0 <= self.true_cfg_scale <= MAX_GUIDANCE:
+            raise SettingsError(f"True CFG scale must be a finite number from 0 to {MAX_GUIDANCE:g}, "
+                                f"got {self.true_cfg_scale}.")
         self.strength = _number("Strength", self.strength)
         if not 0 < self.strength <= 1:
             raise SettingsError(f"Strength must be above 0 and at most 1, got {self.strength}.")

@@ -261,7 +261,8 @@ def sample(settings_list: list[ToySettings], folder: Path = TOY_DIR) -> list[Toy
         generator = torch.Generator().manual_seed(s.seed)
         noise = torch.randn((1, s.points, 2), generator=generator)
         loop = SamplerLoop(settings=s, scheduler=scheduler, latents=noise * scheduler.init_noise_sigma,
-                           generator=generator, do_cfg=s.label is not None and s.guidance_scale > 1)
+                           generator=generator,
+                           cfg_scale=s.guidance_scale if s.label is not None and s.guidance_scale > 1 else None)
         label = s.label_index
         while not loop.done:
             x_in, t = loop.model_input()

@@ -29,7 +29,8 @@ PROSE = {
                 "them: guided = uncond + scale × (cond − uncond). The images are the final image each branch "
                 "predicts at the step you settled on in the player; the heatmap is where guidance pushes hardest. "
                 "Flux.1 has no unconditional branch (its guidance scale is an input of the model), so the panel "
-                "stays empty for Flux runs.",
+                "stays empty for Flux runs unless the true CFG scale (under “Negative prompt, size and model”) is "
+                "above 1.",
     "forward": "The forward process, q(x_t | x_0): take an image, encode it, and add noise at this run's noise "
                "levels, step by step. It becomes the player's “forward noising” view: denoising runs it backwards.",
     "img2img": "Empty: start from pure noise. With an image: it is encoded by the VAE, noised to the point "
@@ -75,8 +76,12 @@ def _settings_controls(default_model: str, allow_any: bool, prefix: str = ""):
             width = gr.Number(value=0, precision=0, label="Width (0 = model's native)")
             height = gr.Number(value=0, precision=0, label="Height (0 = native)")
         model = gr.Dropdown([EMBEDDED, *ALIASES], value=default_model, label="Model", allow_custom_value=allow_any,
-                            info="A local diffusers folder or hub id can be typed in" if allow_any else None)
-    return negative, seed, steps, guidance, width, height, model, attention
+                            info="A local diffusers folder, checkpoint file or hub id can be typed in"
+                            if allow_any else None)
+        true_cfg = gr.Slider(1, 20, value=DEFAULTS["true_cfg_scale"], step=0.5, elem_id=f"{prefix}true-cfg",
+                             label="True CFG scale (Flux only: above 1 adds a negative branch, from the negative "
+                                   "prompt, every step)")
+    return negative, seed, steps, guidance, width, height, model, attention, true_cfg
 
 
 def _player(props: dict, elem_id: str) -> gr.HTML:
@@ -104,7 +109,7 @@ def build(config: AppConfig) -> gr.Blocks:
                         stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
                     sampler = gr.Dropdown(sampler_names(), value=DEFAULTS["sampler"], label="Sampler",
                                           elem_id="sampler")
-                    negative, seed, steps, guidance, width, height, model, attention = _settings_controls(
+                    negative, seed, steps, guidance, width, height, model, attention, true_cfg = _settings_controls(
                         config.default_model, config.allow_any_model)
                     with gr.Accordion("Start from an image (img2img)", open=False):
                         gr.Markdown(PROSE["img2img"], elem_classes="explain")
@@ -164,8 +169,8 @@ def build(config: AppConfig) -> gr.Blocks:
                     c_button = gr.Button("Compare", variant="primary", elem_id="compare")
                     c_samplers = gr.CheckboxGroup(sampler_names(), value=EXAMPLE_SAMPLERS, label="Samplers (2 to 8)",
                                                   elem_id="c-samplers")
-                    (c_negative, c_seed, c_steps, c_guidance, c_width, c_height, c_model,
-                     c_attention) = _settings_controls(config.default_model, config.allow_any_model, prefix="c-")
+                    (c_negative, c_seed, c_steps, c_guidance, c_width, c_height, c_model, c_attention,
+                     c_true_cfg) = _settings_controls(config.default_model, config.allow_any_model, prefix="c-")
                     c_models = gr.Textbox(label="…or compare models (2 to 4, comma-separated)", value="",
                                           placeholder="embedded, sd15, sdxl", elem_id="c-models")
                     gr.Markdown(PROSE["compare"], elem_classes="explain")
@@ -219,7 +224,7 @@ def build(config: AppConfig) -> gr.Blocks:
                            show_progress="hidden")
         run_button.click(
             app.generate, [prompt, negative, seed, steps, guidance, sampler, width, height, model, init_image, strength,
-                           attention],
+                           attention, true_cfg],
             [play, final_image, run_id, table, status, notice, file_out, *g_images, stages],
             api_name="generate", **model_event,
         ).then(lambda rid: app.guidance(rid, None), run_id, g_images, show_progress="hidden", api_visibility="private")
@@ -234,7 +239,7 @@ def build(config: AppConfig) -> gr.Blocks:
             button.click(lambda rid, v, fmt=fmt: app.download(rid, fmt, v), [run_id, dl_view], file_out,
                          api_name=f"download_{fmt}")
         c_button.click(app.compare, [c_prompt, c_negative, c_seed, c_steps, c_guidance, c_samplers, c_width,
-                                     c_height, c_model, c_attention, c_models],
+                                     c_height, c_model, c_attention, c_models, c_true_cfg],
                        [c_play, c_grid, c_run_id, c_status, c_file],
                        api_name="compare", **model_event)
         for fmt, button in c_buttons.items():

@@ -139,15 +139,17 @@ class App:
 
     # ---- handlers ---------------------------------------------------------------------------
     def settings(self, prompt, negative_prompt, seed, steps, guidance, sampler, width, height, model,
-                 init_image=None, strength=None, attention=False) -> Settings:
-        """The form's values as validated Settings (the form's size 0 means the model's native size)."""
+                 init_image=None, strength=None, attention=False, true_cfg=None) -> Settings:
+        """The form's values as validated Settings (the form's size 0 means the model's native size; no true CFG
+        scale means Settings' default)."""
         extra = {} if init_image is None else {"init_image": init_image, **({} if strength is None else
                                                                               {"strength": strength})}
         try:
             return Settings(prompt=prompt or "", negative_prompt=negative_prompt or "", seed=seed,
                             num_inference_steps=steps, guidance_scale=guidance, sampler=sampler,
                             width=width or None, height=height or None, model=_check_model(model, self.config),
-                            attention=bool(attention), **extra).validate()
+                            attention=bool(attention), **extra,
+                            **({} if true_cfg is None else {"true_cfg_scale": true_cfg})).validate()
         except SettingsError as error:
             raise UserError(str(error)) from None
 
@@ -213,14 +215,14 @@ class App:
                            f"{'Stopped early' if stopped else 'Done'}: {what}.", view="x0" if stopped else None), run_id
 
     def generate(self, prompt, negative_prompt, seed, steps, guidance, sampler, width, height, model,
-                 init_image=None, strength=None, attention=False, request: gr.Request = None):
+                 init_image=None, strength=None, attention=False, true_cfg=None, request: gr.Request = None):
         """Stream the run into the player; end with the final image, the steps table and the panels.
 
         With an `init_image` it is img2img at `strength`; without one, strength is ignored. **Stop** (see
         `stop`) ends the loop early and the steps computed so far stay on the player.
         """
         settings = self.settings(prompt, negative_prompt, seed, steps, guidance, sampler, width, height, model,
-                                 init_image, strength, attention)
+                                 init_image, strength, attention, true_cfg)
         notice = _vocabulary_notice(settings.prompt, settings.model)
         first = True
         for props, run_id in self._stream([(settings, None)], request):
@@ -327,7 +329,7 @@ class App:
         return gr.update(**props), f"Noised at the {len(run)} noise levels of this run; it is a view of the player now."
 
     def compare(self, prompt, negative_prompt, seed, steps, guidance, samplers, width, height, model,
-                attention=False, models="", request: gr.Request = None):
+                attention=False, models="", true_cfg=None, request: gr.Request = None):
         """Stream a comparison into the grid player: 2 to 8 samplers in lockstep on `model`, or, when `models` lists
         2 to 4 models (comma-separated), each of them in turn with the first picked sampler (Euler where it does
         not fit the model)."""
@@ -335,7 +337,8 @@ class App:
         if not models and not 2 <= len(samplers) <= 8:
             raise UserError(f"Pick 2 to 8 samplers to compare (you picked {len(samplers)}).")
         settings = self.settings(prompt, negative_prompt, seed, steps, guidance,
-                                 samplers[0] if samplers else DEFAULT_SAMPLER, width, height, model, attention=attention)
+                                 samplers[0] if samplers else DEFAULT_SAMPLER, width, height, model, attention=attention,
+                                 true_cfg=true_cfg)
         jobs = [(settings, samplers)]
         if models:
             try:
