@@ -297,6 +297,9 @@ def _load(ref: ModelRef, device: torch.device, options: LoadOptions):
             pipe = family.pipeline_class().from_single_file(
                 ref.source, config=config, dtype=options.compute_dtype(device, family), local_files_only=True,
                 **family.load_kwargs)
+            for part in pipe.components.values():  # diffusers 0.42 leaves a T5 read from a file in training
+                if isinstance(part, torch.nn.Module):  # mode: its dropout would blur every text embedding
+                    part.eval()
         else:
             index = Path(ref.source, INDEX) if ref.is_local else Path(hf_hub_download(ref.source, INDEX))
             family = _check_family(ref.name, _pipeline_class(ref.name, index))  # before fetching any weights
