@@ -27,9 +27,10 @@ from .run import FRAME_KINDS, Run, Settings
 from .samplers import fitting
 
 
-# All model work runs on this one thread. torch's CPU thread pool (OpenMP) is per calling thread: work
-# spread over a server's many worker threads starts a pool for each, whose idle threads spin and halved
-# the speed of every run on a 2-core machine (measured: 1.03 s -> 2.0 s for the same 25-step run).
+# All torch work runs on this one thread (the model's, and the 2D playground's). torch's CPU thread pool
+# (OpenMP) is per calling thread: once a second thread has run a parallel torch op, every later run on this one
+# is about 2x slower on a 2-core machine, for good (measured: 0.84 s -> 1.78 s for the same 25-step run after one
+# 2D-playground sample in another thread; 1.03 s -> 2.0 s with work spread over a server's worker threads).
 ENGINE_THREAD = "visualizer-engine"
 _ENGINE = ThreadPoolExecutor(max_workers=1, thread_name_prefix=ENGINE_THREAD)
 

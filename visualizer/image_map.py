@@ -37,8 +37,9 @@ class ImageMap:
     groups: tuple[str, ...]  # cluster names
 
     def project(self, latents) -> np.ndarray:
-        """[k, ...] latents (any shape per latent, D numbers) -> [k, 2] map coordinates."""
-        flat = torch.as_tensor(latents).reshape(len(latents), -1).double().numpy()
+        """[k, ...] latents (any shape per latent, D numbers) -> [k, 2] map coordinates. Plain numpy: it runs on the
+        app's handler threads, and torch work off the engine thread slows every run (see api.ENGINE_THREAD)."""
+        flat = np.asarray(latents, dtype=np.float64).reshape(len(latents), -1)
         return (flat - self.mean) @ self.axes.T
 
     def cluster(self, xy: np.ndarray) -> str | None:
@@ -61,7 +62,7 @@ class ImageMap:
 
 def fit(latents, labels: Sequence[int] = (), groups: Sequence[str] = ()) -> ImageMap:
     """PCA of `latents` [k, ...] to 2D; with labels, the latents themselves become the map's reference points."""
-    flat = torch.as_tensor(latents).reshape(len(latents), -1).double().numpy()
+    flat = np.asarray(latents, dtype=np.float64).reshape(len(latents), -1)
     mean = flat.mean(0)
     axes = np.linalg.svd(flat - mean, full_matrices=False)[2][:2]
     axes *= np.sign(axes.sum(1, keepdims=True) + 1e-12)  # a fixed orientation
@@ -82,7 +83,7 @@ def for_runs(runs) -> ImageMap:
     found = shipped(resolve(runs[0].settings.model).source)
     if found is not None:
         return found
-    return fit(torch.cat([torch.cat([r.tensors["initial_noise"], r.tensors["xt"], r.tensors["x0"]]) for r in runs]))
+    return fit(np.concatenate([np.concatenate([r.tensors[k] for k in ("initial_noise", "xt", "x0")]) for r in runs]))
 
 
 @dataclass
@@ -98,7 +99,7 @@ class Path2D:
 
 
 def path(run, image_map: ImageMap, label: str = "") -> Path2D:
-    xt = image_map.project(torch.cat([run.tensors["initial_noise"], run.tensors["xt"]]))
+    xt = image_map.project(np.concatenate([run.tensors["initial_noise"], run.tensors["xt"]]))
     return Path2D(xt, image_map.project(run.tensors["x0"]), label or f"seed {run.settings.seed}")
 
 

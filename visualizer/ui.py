@@ -183,7 +183,7 @@ def build(config: AppConfig) -> gr.Blocks:
         with gr.Tab("2D playground"):
             with gr.Row(elem_classes="player-first"):
                 with gr.Column(scale=3, min_width=320):
-                    t_play = _player(playground.props(toy.sample([toy.ToySettings()])), "t-player")
+                    t_play = _player(playground.initial_props(), "t-player")
                 with gr.Column(scale=2, min_width=300):
                     t_pattern = gr.Radio(list(toy.PATTERNS), value=toy.TOY_DEFAULTS["pattern"], label="Pattern",
                                          elem_id="t-pattern")

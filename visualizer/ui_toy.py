@@ -47,6 +47,10 @@ class Playground:
         except SettingsError as error:
             raise UserError(str(error)) from None
 
+    def initial_props(self) -> dict:
+        """The player's props for a run of the default settings (what the tab opens with)."""
+        return self.props(api.on_engine(toy.sample, [toy.ToySettings()]))
+
     def run(self, pattern, samplers, steps, seed, label, guidance, points):
         """Sample, write every frame, and update the player."""
         runs = api.on_engine(toy.sample, self.settings(pattern, samplers, steps, seed, label, guidance, points))
