@@ -401,7 +401,12 @@ function sync() {  // new props from the server: more frames, a new run, or a fi
     viewSel.value = props.view; follow = true;  // e.g. a stopped run: its latest x0-hat, the best guess so far
   }
   askedView = props.view || null;
-  cells().forEach(c => Object.values(c.frames || {}).forEach(list => list.forEach(preload)));
+  // while a run computes, fetch only the frames on screen (each fetch is work for the server the model shares
+  // the cores with); once it is done, every view's, so that scrubbing and switching views make no request
+  const onScreen = props.live ? (figures[0] ? figures[0].kinds : []) : null;
+  cells().forEach(c => Object.entries(c.frames || {}).forEach(([kind, list]) => {
+    if (!onScreen || onScreen.includes(kind)) list.forEach(preload);
+  }));
   const shape = cells().length + ':' + viewSel.value;
   if (cellsBox.dataset.shape !== shape) { build(); cellsBox.dataset.shape = shape; }
   range.max = positions();
