@@ -54,7 +54,7 @@ class StableDiffusion:
     load_kwargs = dict(safety_checker=None, requires_safety_checker=False)  # this tool shows raw frames
     sampler_kind = "diffusion"  # which registry of samplers.REGISTRIES fits its models
     guidance_label = "Guidance scale (CFG)"  # what the guidance slider means for its models
-    cfg_setting = "guidance_scale"  # the Settings field that is classifier-free guidance's scale
+    cfg_setting = "guidance_scale"  # the Settings field cfg_scale reads (a finished run's breakdown reads it too)
     gpu_dtype = torch.float16  # what --dtype auto runs its models in on a GPU (as diffusers' documentation does)
     joint_attention = None  # word maps (attention.py): None, UNet cross-attention; else the MMDiT's token order
 
@@ -77,7 +77,7 @@ class StableDiffusion:
         None for a run without CFG (scale <= 1, or guidance that is not CFG: guidance_kind)."""
         if self.guidance_kind(pipe) != "cfg" or settings.guidance_scale <= 1:
             return None
-        return getattr(settings, self.cfg_setting)
+        return settings.guidance_scale
 
     def denoiser(self, pipe):
         """The network that denoises: the UNet."""
