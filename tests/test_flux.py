@@ -8,15 +8,15 @@ from diffusers import (DEISMultistepScheduler, DPMSolverMultistepScheduler, Flow
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from visualizer import api
-from visualizer.decode import FLUX_LATENT_RGB, FLUX_LATENT_RGB_BIAS, CheapPreview, latent_rgb_factors, vae_decode
+from visualizer.decode import FLUX_LATENT_RGB, FLUX_LATENT_RGB_BIAS, vae_decode
 from visualizer.denoise import generate, generate_many
 from visualizer.errors import SettingsError, UnknownSamplerError
 from visualizer.families import family_of
 from visualizer.insight import pipeline_stages
-from visualizer.models import load_pipeline
 from visualizer.run import Run, Settings
 from visualizer.samplers import FLUX_SAMPLERS, valid_for
 
+from conftest import check_latent_colour_preview, check_taesd_lookup, tiny_family_model
 from test_img2img import init_image
 
 PROMPT = "a red circle on the left"
@@ -36,23 +36,16 @@ REFERENCE_SCHEDULERS = {
 }
 
 
-def _tiny(tmp_path_factory, name, **kw):
-    from visualizer.demo_model.architecture import tiny_flux_pipeline
-
-    folder = str(tiny_flux_pipeline(tmp_path_factory.mktemp(name), **kw))
-    return folder, load_pipeline(folder)
-
-
 @pytest.fixture(scope="module")
 def flux(tmp_path_factory):
     """(folder, pipeline) of a tiny random guidance-distilled (dev-like) Flux model, loaded like a real one."""
-    return _tiny(tmp_path_factory, "tiny-flux-dev")
+    return tiny_family_model(tmp_path_factory, "tiny_flux_pipeline")
 
 
 @pytest.fixture(scope="module")
 def schnell(tmp_path_factory):
     """The same without a guidance embedding (schnell-like)."""
-    return _tiny(tmp_path_factory, "tiny-flux-schnell", guidance_embeds=False)
+    return tiny_family_model(tmp_path_factory, "tiny_flux_pipeline", guidance_embeds=False)
 
 
 def settings(folder, sampler="Euler", steps=6, **kw):
@@ -197,19 +190,9 @@ def test_flux_samplers_and_what_flux_refuses(flux):
 
 
 def test_flux_previews_use_flux_latent_colours_and_taef1(flux, tmp_path, monkeypatch):
-    from diffusers import AutoencoderTiny
-
-    from visualizer.decode import load_taesd
-
     _, pipe = flux
-    factors, bias = latent_rgb_factors(pipe)
-    assert torch.equal(factors, torch.tensor(FLUX_LATENT_RGB)) and torch.equal(bias, torch.tensor(FLUX_LATENT_RGB_BIAS))
-    preview = CheapPreview(pipe, use_taesd=False)(torch.zeros(1, 16, 8, 8), step=1)
-    assert not preview.exact and "preview" in preview.label
-    AutoencoderTiny(latent_channels=16, encoder_block_out_channels=(8, 8, 8, 8),
-                    decoder_block_out_channels=(8, 8, 8, 8)).save_pretrained(tmp_path / "taef1")
-    monkeypatch.setenv("VISUALIZER_TAEF1", str(tmp_path / "taef1"))
-    assert load_taesd(torch.device("cpu"), "flux") is not None
+    check_latent_colour_preview(pipe, FLUX_LATENT_RGB, FLUX_LATENT_RGB_BIAS)
+    check_taesd_lookup("flux", "VISUALIZER_TAEF1", tmp_path / "taef1", monkeypatch)
 
 
 def test_the_apps_sampler_menu_for_a_flux_folder(flux, tmp_path):

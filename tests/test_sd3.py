@@ -10,7 +10,7 @@ from diffusers import (DEISMultistepScheduler, DPMSolverMultistepScheduler, Flow
                        FlowMatchHeunDiscreteScheduler, StableDiffusion3Pipeline, UniPCMultistepScheduler)
 
 from visualizer import api
-from visualizer.decode import SD3_LATENT_RGB, SD3_LATENT_RGB_BIAS, CheapPreview, latent_rgb_factors, vae_decode
+from visualizer.decode import SD3_LATENT_RGB, SD3_LATENT_RGB_BIAS, vae_decode
 from visualizer.denoise import generate, generate_many, predictions
 from visualizer.errors import SettingsError, UnknownSamplerError
 from visualizer.families import family_of
@@ -19,6 +19,7 @@ from visualizer.models import ALIASES, ModelLoadError, load_pipeline, resolve
 from visualizer.run import Run, Settings
 from visualizer.samplers import FLOW_SAMPLERS, make_scheduler, valid_for
 
+from conftest import check_latent_colour_preview, check_taesd_lookup, tiny_family_model
 from test_img2img import init_image
 
 PROMPT = "a red circle on the left"
@@ -39,11 +40,8 @@ REFERENCE_SCHEDULERS = {
 
 @pytest.fixture(scope="module")
 def sd3(tmp_path_factory):
-    """(folder, pipeline) of a tiny random SD 3 model saved with save_pretrained and loaded like a real one."""
-    from visualizer.demo_model.architecture import tiny_sd3_pipeline
-
-    folder = str(tiny_sd3_pipeline(tmp_path_factory.mktemp("tiny-sd3")))
-    return folder, load_pipeline(folder)
+    """(folder, pipeline) of a tiny random SD 3 model."""
+    return tiny_family_model(tmp_path_factory, "tiny_sd3_pipeline")
 
 
 def settings(folder, sampler="Euler", steps=6, **kw):
@@ -200,21 +198,10 @@ def test_sd3_alias_folder_and_layouts(sd3, tmp_path):
 
 
 def test_sd3_previews_use_sd3_latent_colours_and_taesd3(sd3, tmp_path, monkeypatch):
-    from diffusers import AutoencoderTiny
-
-    from visualizer.decode import load_taesd
-
     _, pipe = sd3
-    factors, bias = latent_rgb_factors(pipe)
-    assert factors.shape == (16, 3) and torch.equal(factors, torch.tensor(SD3_LATENT_RGB))
-    assert torch.equal(bias, torch.tensor(SD3_LATENT_RGB_BIAS))
-    preview = CheapPreview(pipe, use_taesd=False)(torch.zeros(1, 16, 8, 8), step=1)
-    assert not preview.exact and "preview" in preview.label
-    assert (preview.image[0, 0] == np.round((np.array(SD3_LATENT_RGB_BIAS) / 2 + 0.5) * 255)).all()
-    AutoencoderTiny(latent_channels=16, encoder_block_out_channels=(8, 8, 8, 8),
-                    decoder_block_out_channels=(8, 8, 8, 8)).save_pretrained(tmp_path / "taesd3")
-    monkeypatch.setenv("VISUALIZER_TAESD3", str(tmp_path / "taesd3"))
-    assert load_taesd(torch.device("cpu"), "sd3") is not None
+    assert len(SD3_LATENT_RGB) == 16
+    check_latent_colour_preview(pipe, SD3_LATENT_RGB, SD3_LATENT_RGB_BIAS)
+    check_taesd_lookup("sd3", "VISUALIZER_TAESD3", tmp_path / "taesd3", monkeypatch)
 
 
 def test_the_apps_sampler_menus_offer_only_the_samplers_that_fit_the_model(sd3, tmp_path):

@@ -7,13 +7,14 @@ import torch
 from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
 from visualizer import api
-from visualizer.decode import SDXL_LATENT_RGB, SDXL_LATENT_RGB_BIAS, CheapPreview, latent_rgb_factors, vae_decode
+from visualizer.decode import SDXL_LATENT_RGB, SDXL_LATENT_RGB_BIAS, vae_decode
 from visualizer.denoise import generate, generate_many
 from visualizer.insight import pipeline_stages
 from visualizer.models import ALIASES, ModelLoadError, load_pipeline, resolve
 from visualizer.run import Run, RunInfo, Settings
 from visualizer.samplers import SAMPLERS
 
+from conftest import check_latent_colour_preview, tiny_family_model
 from test_img2img import init_image
 
 PROMPT = "a red circle on the left"
@@ -22,11 +23,8 @@ SEED = 11
 
 @pytest.fixture(scope="module")
 def sdxl(tmp_path_factory):
-    """(folder, pipeline) of a tiny random SDXL model saved with save_pretrained and loaded like a real one."""
-    from visualizer.demo_model.architecture import tiny_sdxl_pipeline
-
-    folder = str(tiny_sdxl_pipeline(tmp_path_factory.mktemp("tiny-sdxl")))
-    return folder, load_pipeline(folder)
+    """(folder, pipeline) of a tiny random SDXL model."""
+    return tiny_family_model(tmp_path_factory, "tiny_sdxl_pipeline")
 
 
 def settings(folder, sampler="Euler", steps=6, **kw):
@@ -124,12 +122,7 @@ def test_bundles_written_before_sdxl_load_as_sd():
 
 def test_sdxl_previews_use_sdxl_latent_colours(sdxl):
     _, pipe = sdxl
-    factors, bias = latent_rgb_factors(pipe)
-    assert torch.equal(factors, torch.tensor(SDXL_LATENT_RGB)) and torch.equal(bias, torch.tensor(SDXL_LATENT_RGB_BIAS))
-    preview = CheapPreview(pipe, use_taesd=False)(torch.zeros(1, 4, 8, 8), step=1)
-    assert not preview.exact and "preview" in preview.label
-    expected = np.round((np.array(SDXL_LATENT_RGB_BIAS) / 2 + 0.5) * 255)
-    assert (preview.image[0, 0] == expected).all()
+    check_latent_colour_preview(pipe, SDXL_LATENT_RGB, SDXL_LATENT_RGB_BIAS)
 
 
 def test_taesdxl_is_looked_up_separately(sdxl, tmp_path, monkeypatch):
