@@ -295,10 +295,10 @@ def denoise_steps(settings_list: list[Settings], pipe=None,
         conditioning = family.encode_prompt(pipe, first.prompt, first.negative_prompt, any_cfg, (height, width))
         dtype = conditioning.prompt_embeds.dtype
         posterior = None if first.init_image is None else _encode_image(pipe, first.init_image, height, width)
+        shape = (1, *family.latent_shape(pipe, height, width))
         loops = []
         for s, cfg_scale in zip(settings_list, cfg_scales):
             scheduler = make_scheduler(s.sampler, pipe.scheduler.config, family.sampler_kind)
-            shape = (1, *family.latent_shape(pipe, height, width))
             family.set_timesteps(pipe, scheduler, s.num_inference_steps, device, shape[1:])
             generator = torch.Generator("cpu").manual_seed(s.seed)
             skipped = 0
