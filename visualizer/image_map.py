@@ -208,6 +208,7 @@ def seeds_map(runs) -> tuple[np.ndarray, str]:
 def build(model: str = "embedded", scenes_count: int = 900, seed: int = 0) -> ImageMap:
     """The embedded model's map: PCA of the VAE latents (posterior means, scaled) of `scenes_count` random
     training scenes, each labelled by its background."""
+    from .decode import from_vae_space
     from .demo_model import scenes
     from .models import load_pipeline
 
@@ -216,7 +217,7 @@ def build(model: str = "embedded", scenes_count: int = 900, seed: int = 0) -> Im
     drawn = [scenes.random_scene(rng) for _ in range(scenes_count)]
     pixels = torch.from_numpy(np.stack([np.asarray(scenes.render(s)) for s in drawn]).astype(np.float32) / 127.5 - 1)
     with torch.no_grad():
-        latents = pipe.vae.encode(pixels.permute(0, 3, 1, 2)).latent_dist.mean * pipe.vae.config.scaling_factor
+        latents = from_vae_space(pipe.vae, pipe.vae.encode(pixels.permute(0, 3, 1, 2)).latent_dist.mean)
     groups = tuple(f"{b} background" for b in scenes.BACKGROUNDS)
     return fit(latents, [list(scenes.BACKGROUNDS).index(s.background) for s in drawn], groups)
 
