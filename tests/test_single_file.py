@@ -83,8 +83,9 @@ def ldm_vae(vae) -> dict:
 
 
 def ldm_clip(encoder, prefix: str) -> dict:
-    """A CLIP text encoder's weights under `prefix` + its transformers names (SD's cond_stage_model)."""
-    return {prefix + "text_model." + key.removeprefix("text_model."): value
+    """A CLIP text encoder's weights under `prefix` + its transformers names (SD's cond_stage_model). The files keep
+    the `text_model.` level that transformers 5.6 dropped from CLIPTextModel (CLIPTextModelWithProjection has it)."""
+    return {prefix + (key if key.startswith(("text_model.", "text_projection.")) else "text_model." + key): value
             for key, value in encoder.state_dict().items()}
 
 
@@ -379,8 +380,12 @@ def sd3_text_encoders(pipe) -> dict:
              "t5xxl": getattr(pipe, "text_encoder_3", pipe.text_encoder_2)}  # Flux: CLIP-L and T5 only
     if names["clip_g"] is names["t5xxl"]:
         del names["clip_g"]
-    return {f"text_encoders.{name}.transformer.{key}": value for name, encoder in names.items()
-            for key, value in encoder.state_dict().items()}
+    weights = {}
+    for name, encoder in names.items():
+        prefix = f"text_encoders.{name}.transformer."
+        weights |= ldm_clip(encoder, prefix) if name.startswith("clip") else {
+            prefix + key: value for key, value in encoder.state_dict().items()}
+    return weights
 
 
 @pytest.fixture(scope="module")
@@ -452,11 +457,27 @@ def test_flux_checkpoint_is_told_dev_or_schnell(flux):
     assert family_of_reference(checkpoint) is BY_KEY["flux"]
 
 
-@pytest.mark.xfail(raises=ModelLoadError, strict=True, reason=(
-    "diffusers 0.42.1's convert_flux_transformer_checkpoint_to_diffusers hard-codes FLUX.1's width (inner_dim = "
-    "3072, its single blocks' linear1 split as 3 x 3072 + 12288), so no tiny Flux converts; a 3072-wide one is ~2 GB"))
-def test_flux_checkpoint_loads_by_path_and_runs_as_its_folder(flux, load_options):
-    folder, checkpoint = flux
+@pytest.fixture(scope="module", params=[True, False], ids=["dev", "schnell"])
+def full_width_flux(request, tmp_path_factory) -> tuple[str, str]:
+    """(folder, checkpoint) of a Flux.1 whose transformer has FLUX.1's own width, in one double and one single block
+    (2 GB): diffusers' conversion (convert_flux_transformer_checkpoint_to_diffusers) hard-codes that width, so the
+    tiny one above cannot load from a file. The text encoders and the VAE stay tiny."""
+    from diffusers import FluxPipeline
+
+    from visualizer.demo_model.architecture import tiny_flux_pipeline
+
+    folder = tiny_flux_pipeline(tmp_path_factory.mktemp("flux-full-width"), guidance_embeds=request.param,
+                                full_width=True)
+    pipe = FluxPipeline.from_pretrained(folder)
+    weights = {**flux_transformer(pipe.transformer), **ldm_vae(pipe.vae), **sd3_text_encoders(pipe)}
+    del pipe
+    return str(folder), write_checkpoint(weights, folder.parent / "flux-full-width.safetensors")
+
+
+def test_flux_checkpoint_loads_by_path_and_runs_as_its_folder(full_width_flux, load_options):
+    folder, checkpoint = full_width_flux
     load_options(LoadOptions(configs=(folder,)))
+    guided = json.loads(Path(folder, "transformer", "config.json").read_text())["guidance_embeds"]
+    assert checkpoint_family(resolve(checkpoint)) == (BY_KEY["flux"], "flux-dev" if guided else "flux-schnell")
     assert type(load_pipeline(checkpoint)).__name__ == "FluxPipeline"
     same_latents(folder, checkpoint)

@@ -193,9 +193,11 @@ def tiny_sd3_pipeline(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
-def tiny_flux_pipeline(folder: Path, seed: int = 0, guidance_embeds: bool = True) -> Path:
+def tiny_flux_pipeline(folder: Path, seed: int = 0, guidance_embeds: bool = True, full_width: bool = False) -> Path:
     """Save a tiny random-weight Flux.1 pipeline (32x32 images, 16x8x8 latents packed into 16 tokens) to `folder`;
-    for tests. With `guidance_embeds` it is dev-like (guidance-distilled), without it schnell-like.
+    for tests. With `guidance_embeds` it is dev-like (guidance-distilled), without it schnell-like. With
+    `full_width` its transformer has FLUX.1's own width (24 heads of 128: 531M parameters, 2 GB), which diffusers'
+    single-file conversion assumes; else 2 heads of 16.
 
     Flux's layout at toy scale: a CLIP text encoder (its pooled output), a T5 encoder (the text tokens), a
     transformer with one double-stream and one single-stream block and 3-axis rotary positions, a 16-channel
@@ -211,10 +213,11 @@ def tiny_flux_pipeline(folder: Path, seed: int = 0, guidance_embeds: bool = True
     t5_tokenizer = write_t5_tokenizer(folder / "tokenizer_2", words)
     t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), d_model=64, d_ff=64, d_kv=16, num_layers=1,
                                  num_heads=4, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    heads, head_dim, rope_axes = (24, 128, (16, 56, 56)) if full_width else (2, 16, (4, 4, 8))
     transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=64, pooled_projection_dim=32, guidance_embeds=guidance_embeds,
-        axes_dims_rope=(4, 4, 8),
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=head_dim,
+        num_attention_heads=heads, joint_attention_dim=64, pooled_projection_dim=32, guidance_embeds=guidance_embeds,
+        axes_dims_rope=rope_axes,
     )  # in_channels: 16 latent channels x a 2x2 patch; joint_attention_dim: T5's width; pooled: CLIP's width
     autoencoder = vae((16, 32, 32), 32, latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159,
                       use_quant_conv=False, use_post_quant_conv=False)  # Flux's VAE factors and layout
