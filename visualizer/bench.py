@@ -1,13 +1,16 @@
 """`python -m visualizer bench [--quick]`: capture-and-decode cost against plain diffusers, in one process.
 
 Rows, each the median of `repeats` runs on the same model, prompt, seed and settings:
-- plain: `StableDiffusionPipeline.__call__` with no capture (the floor);
-- naive: the same call with a `callback_on_step_end` that VAE-decodes the latents every step;
+- plain: `StableDiffusionPipeline.__call__` with no capture up to its final latents, then their one decode by the
+  fp32 VAE this tool keeps (the pipeline's own decode would fail: it feeds fp16 latents to that VAE on a GPU);
+- naive: the same with a `callback_on_step_end` that VAE-decodes the latents every step;
 - ours, final image: the visualizer's run until its final image is decoded (live exact frames within the
   decode budget of decode.StreamingDecoder); ours, frames: until every x_t (and x0-hat) frame is decoded;
 - grid: 4 samplers in lockstep vs 4 sequential plain runs;
 - scrub: serving an already-decoded frame for the slider (median over all steps);
 - export: GIF and MP4 of 50 frames of 512x512.
+On a GPU also the peak GPU memory of a run with every frame. The process's load options (`--dtype`, `--offload`)
+apply to every row.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ import torch
 from . import api, views
 from .decode import vae_decode
 from .export import prepare, save_gif, save_mp4
-from .models import load_pipeline
+from .models import current_options, load_pipeline
 from .run import DEFAULTS, Settings
 from .samplers import make_scheduler
 
@@ -70,14 +73,15 @@ def measure_model(model: str, size: int | None, steps: int, repeats: int) -> dic
     kwargs = dict(num_inference_steps=steps, guidance_scale=DEFAULTS["guidance_scale"], height=size, width=size)
     generator = lambda: torch.Generator("cpu").manual_seed(0)  # noqa: E731
 
-    def plain():
-        pipe(PROMPT, generator=generator(), output_type="np", **kwargs)
+    def plain(**callback):
+        latents = pipe(PROMPT, generator=generator(), output_type="latent", **callback, **kwargs).images
+        vae_decode(pipe.vae, latents)
 
     def naive():
         def decode_each(p, i, t, tensors):
             vae_decode(p.vae, tensors["latents"], batch_size=1)
             return tensors
-        pipe(PROMPT, generator=generator(), output_type="np", callback_on_step_end=decode_each, **kwargs)
+        plain(callback_on_step_end=decode_each)
 
     marks: dict = {}
     settings = Settings(prompt=PROMPT, model=model, sampler="Euler", num_inference_steps=steps, width=size, height=size)
@@ -86,7 +90,8 @@ def measure_model(model: str, size: int | None, steps: int, repeats: int) -> dic
         """The visualizer's run (capturing everything, exact live frames within the decode budget) until its final
         image is decoded."""
         items = api.stream(settings)
-        next(item for item in items if isinstance(item, api.DecodeUpdate))
+        next(item for item in items if not isinstance(item, api.StepUpdate))  # the final image's decode, or the
+        # Run where every frame was decoded live (a GPU can)
         items.close()
 
     def ours_frames(kinds):
@@ -106,6 +111,10 @@ def measure_model(model: str, size: int | None, steps: int, repeats: int) -> dic
     result["ours_final_over_plain"] = result["ours_final_image"] / result["plain"]
     result["ours_xt_over_naive"] = result["ours_xt_frames"] / result["naive"]
     result["ours_xt_x0_over_plain"] = result["ours_xt_and_x0_frames"] / result["plain"]
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        ours_frames(("xt", "x0"))
+        result["gpu_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     with_maps = dataclasses.replace(settings, attention=True)
     no_maps = statistics.median(_timed(lambda: api.run(settings, frames=())) for _ in range(repeats))
     maps = statistics.median(_timed(lambda: api.run(with_maps, frames=())) for _ in range(repeats))
@@ -142,7 +151,7 @@ def main(quick: bool = False, repeats: int = 3, out: Path = Path("bench.json"), 
          sd15_steps: int = 10, app: bool = False) -> dict:
     report = {"machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
                          f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}",
-              "torch": torch.__version__, "models": {}}
+              "torch": torch.__version__, "load_options": dataclasses.asdict(current_options()), "models": {}}
     # all model work on the engine thread, as in the app (torch's thread pool is per calling thread; see api)
     report["models"]["embedded (64x64, 25 steps)"] = api.on_engine(measure_model, "embedded", None, 25, repeats)
     if not quick:
@@ -160,17 +169,17 @@ def main(quick: bool = False, repeats: int = 3, out: Path = Path("bench.json"), 
 
 
 def format_table(report: dict) -> str:
-    lines = [f"machine: {report['machine']}, torch {report['torch']}", "",
+    lines = [f"machine: {report['machine']}, torch {report['torch']}, load options {report['load_options']}", "",
              "| model | plain s | naive s | ours: final image s | ours: every x_t frame s | "
              "ours: every x_t and x0-hat frame s | final / plain | x_t frames / naive | x_t + x0-hat frames / plain | "
-             "grid of 4 / 4 sequential | word maps / none | scrub ms |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "grid of 4 / 4 sequential | word maps / none | scrub ms | GPU peak GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in report["models"].items():
         lines.append(f"| {name} | {r['plain']:.3f} | {r['naive']:.3f} | {r['ours_final_image']:.3f} | "
                      f"{r['ours_xt_frames']:.3f} | {r['ours_xt_and_x0_frames']:.3f} | "
                      f"{r['ours_final_over_plain']:.2f}x | {r['ours_xt_over_naive']:.2f}x | "
                      f"{r['ours_xt_x0_over_plain']:.2f}x | {r['grid_ratio']:.2f}x | {r['attention_capture_ratio']:.2f}x | "
-                     f"{r['scrub_median_ms']:.1f} |")
+                     f"{r['scrub_median_ms']:.1f} | {r.get('gpu_peak_gib', float('nan')):.2f} |")
     e = report["export"]
     lines += ["", f"export of 50 frames at 512x512: GIF {e['gif_50x512_s']:.2f} s, MP4 {e['mp4_50x512_s']:.2f} s"]
     if "app" in report:

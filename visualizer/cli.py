@@ -117,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replica-threads", type=int, default=1, help="torch threads per replica (with --replicas)")
     p.add_argument("--families", action="store_true",
                    help="instead: capture cost per model family (SD, SDXL, SD 3, Flux) on tiny random models")
+    add_load_options(p)
     return parser
 
 
@@ -322,6 +323,7 @@ def cmd_bench(args) -> None:
         return
     from .bench import main as bench_main
 
+    configure(load_options(args))
     bench_main(quick=args.quick, repeats=args.repeats, out=args.out, sd15_size=args.sd15_size,
                sd15_steps=args.sd15_steps, app=args.app)
 

@@ -119,6 +119,11 @@ def configure(options: LoadOptions) -> LoadOptions:
     return previous
 
 
+def current_options() -> LoadOptions:
+    """The options models load with now (configure)."""
+    return _options
+
+
 def pick_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda")
