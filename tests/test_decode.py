@@ -2,7 +2,7 @@
 import numpy as np
 import torch
 
-from visualizer.decode import StreamingDecoder, decode_batch_size, vae_decode
+from visualizer.decode import StreamingDecoder, decode_batch_size, gpu_batch, vae_decode
 from visualizer.denoise import generate
 from visualizer.run import Settings
 
@@ -12,6 +12,14 @@ def test_cpu_batches_small_frames_and_decodes_large_ones_one_by_one(tiny_pipe):
     assert decode_batch_size(vae, torch.zeros(1, 4, 8, 8)) == 8  # 32x32 frames
     assert decode_batch_size(vae, torch.zeros(1, 4, 32, 32)) == 2  # 128x128
     assert decode_batch_size(vae, torch.zeros(1, 4, 64, 64)) == 1  # 256x256
+
+
+def test_a_gpu_decodes_as_many_frames_at_once_as_fit_in_half_its_free_memory():
+    gib = 2 ** 30
+    assert gpu_batch(80 * gib, 512 * 512) == 8  # at most GPU_BATCH
+    assert gpu_batch(12 * gib, 512 * 512) == 5  # 6 GiB / 1.2 GB per frame
+    assert gpu_batch(24 * gib, 1024 * 1024) == 2  # SDXL / Flux size: 12 GiB / 4.7 GB per frame
+    assert gpu_batch(2 * gib, 1024 * 1024) == 1  # never fewer than one
 
 
 def _run_with(decoder, tiny_model, tiny_pipe, seen):

@@ -48,9 +48,14 @@ TAESD = {"sd": ("VISUALIZER_TAESD", "madebyollin/taesd"), "sdxl": ("VISUALIZER_T
 LATENT_RGB_FILE = "latent_rgb.json"  # optional, in a model folder: {"factors": channels x 3, "bias": 3}
 # On a CPU, batching VAE decodes pays up to about this many output pixels per batch; beyond it a batch is
 # slower per frame than one frame at a time (measured: SD 1.5 VAE at 256x256, 2.5 s per frame alone,
-# 2.8 s per frame in batches of 8). GPUs batch freely.
+# 2.8 s per frame in batches of 8). GPUs batch up to GPU_BATCH frames, as many as fit in GPU_DECODE_SHARE of
+# the GPU's free memory at GPU_DECODE_BYTES_PER_PIXEL (fp32 decodes through SD's VAE: 8 frames of 512x512
+# peaked at 8.4 GiB on an H200, with --offload so that the VAE was alone on the GPU; SDXL's and Flux's 1024x1024
+# frames take 4x that each).
 CPU_BATCH_PIXELS = 8 * 64 * 64
 GPU_BATCH = 8
+GPU_DECODE_BYTES_PER_PIXEL = 4500
+GPU_DECODE_SHARE = 0.5
 # During a run, decode the newest step only while decoding has used at most this share of the run's time:
 # the live frames then slow the denoising by at most ~10%, and the rest is decoded in batches after it.
 LIVE_DECODE_BUDGET = 0.10
@@ -71,11 +76,20 @@ def module_device(module) -> torch.device:
 
 def decode_batch_size(vae, latents: torch.Tensor) -> int:
     """How many frames of this size to decode per VAE call on the VAE's device."""
-    if module_device(vae).type != "cpu":
-        return GPU_BATCH
+    device = module_device(vae)
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     pixels = latents.shape[-2] * latents.shape[-1] * factor * factor
+    if device.type == "cuda":
+        return gpu_batch(torch.cuda.mem_get_info(device)[0], pixels)
+    if device.type != "cpu":
+        return GPU_BATCH
     return max(1, min(GPU_BATCH, CPU_BATCH_PIXELS // pixels))
+
+
+def gpu_batch(free_bytes: int, pixels: int) -> int:
+    """Frames of `pixels` output pixels to decode at once on a CUDA GPU with `free_bytes` free: 1 to GPU_BATCH,
+    as many as fit in GPU_DECODE_SHARE of the free memory."""
+    return max(1, min(GPU_BATCH, int(free_bytes * GPU_DECODE_SHARE) // (pixels * GPU_DECODE_BYTES_PER_PIXEL)))
 
 
 def shift_factor(vae) -> float:
