@@ -21,7 +21,6 @@ from conftest import tiny_family_model
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 PROMPT, SEED, STEPS, GUIDANCE = "a red circle on the left", 3, 4, 3.5
-EULER = {False: EulerDiscreteScheduler, True: FlowMatchEulerDiscreteScheduler}  # is the model a flow model?
 BUILDERS = {"sd": ("tiny_pipeline", {}), "sdxl": ("tiny_sdxl_pipeline", {}), "sd3": ("tiny_sd3_pipeline", {}),
             "flux-dev": ("tiny_flux_pipeline", {}), "flux-schnell": ("tiny_flux_pipeline", {"guidance_embeds": False})}
 
@@ -43,7 +42,8 @@ def diffusers_latents(pipeline_class, folder: str, dtype: torch.dtype, offload: 
     """The final latents of diffusers' own `pipeline_class` with the Euler sampler the run used, loaded in `dtype`
     and put on the GPU as `offload` says, image-shaped ([1, C, h, w])."""
     pipe = pipeline_class.from_pretrained(folder, torch_dtype=dtype)
-    pipe.scheduler = EULER[type(pipe.scheduler) is FlowMatchEulerDiscreteScheduler].from_config(pipe.scheduler.config)
+    if not isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler):  # a flow model's Euler is its own scheduler
+        pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.enable_model_cpu_offload() if offload else pipe.to("cuda")
     pipe.set_progress_bar_config(disable=True)
     latents = pipe(PROMPT, num_inference_steps=STEPS, guidance_scale=GUIDANCE, height=32, width=32,
