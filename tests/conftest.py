@@ -22,6 +22,16 @@ def tiny_pipe(tiny_model):
     return load_pipeline(tiny_model)
 
 
+@pytest.fixture
+def load_options():
+    """Set this process's LoadOptions (models.configure) for one test; the previous ones come back after it."""
+    from visualizer.models import LoadOptions, configure
+
+    previous = configure(LoadOptions())
+    yield configure
+    configure(previous)
+
+
 def tiny_family_model(tmp_path_factory, builder: str, **kw) -> tuple[str, object]:
     """(folder, pipeline) of a tiny random model made by `demo_model.architecture.<builder>` (e.g.
     "tiny_sd3_pipeline"), saved with save_pretrained and loaded like a real one."""

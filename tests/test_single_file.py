@@ -233,14 +233,6 @@ def sdxl(tmp_path_factory) -> tuple[str, str]:
     return str(folder), write_checkpoint(weights, folder.parent / "tiny-sdxl.safetensors")
 
 
-@pytest.fixture
-def load_options():
-    """Set this process's LoadOptions for one test; the previous ones come back after it."""
-    previous = configure(LoadOptions())
-    yield configure
-    configure(previous)
-
-
 def same_run(folder: str, checkpoint: str) -> None:
     """The checkpoint, loaded by path, gives exactly the folder's run: every step's latents and the final image."""
     runs = [api.run(Settings(prompt="a red circle on the left", model=model, num_inference_steps=3), frames=("x0",))
@@ -471,7 +463,7 @@ def full_width_flux(request, tmp_path_factory) -> tuple[str, str]:
     pipe = FluxPipeline.from_pretrained(folder)
     weights = {**flux_transformer(pipe.transformer), **ldm_vae(pipe.vae), **sd3_text_encoders(pipe)}
     del pipe
-    return str(folder), write_checkpoint(weights, folder.parent / "flux-full-width.safetensors")
+    return str(folder), write_checkpoint(weights, folder.parent / f"flux-full-width-{request.param_index}.safetensors")
 
 
 def test_flux_checkpoint_loads_by_path_and_runs_as_its_folder(full_width_flux, load_options):
