@@ -310,20 +310,24 @@ def cmd_export(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    if args.families:
-        from .bench_families import format_rows, main as bench_families
-
-        print(format_rows(bench_families(repeats=max(args.repeats, 5))))
-        return
+    options = load_options(args)
     if args.replicas:
+        if options != LoadOptions():
+            raise SettingsError("--dtype, --offload and --model-config do not reach Ray Serve replicas yet: drop them "
+                                "with --replicas.")
         from .bench_serve import main as bench_serve
 
         bench_serve([_number(n, int, "--replicas") for n in args.replicas.split(",")], args.replica_threads,
                     repeats=args.repeats)
         return
+    configure(options)
+    if args.families:
+        from .bench_families import format_rows, main as bench_families
+
+        print(format_rows(bench_families(repeats=max(args.repeats, 5))))
+        return
     from .bench import main as bench_main
 
-    configure(load_options(args))
     bench_main(quick=args.quick, repeats=args.repeats, out=args.out, sd15_size=args.sd15_size,
                sd15_steps=args.sd15_steps, app=args.app)
 
