@@ -79,8 +79,9 @@ def decode_batch_size(vae, latents: torch.Tensor) -> int:
     device = module_device(vae)
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     pixels = latents.shape[-2] * latents.shape[-1] * factor * factor
-    if device.type == "cuda":
-        return gpu_batch(torch.cuda.mem_get_info(device)[0], pixels)
+    if device.type == "cuda":  # free: the device's, and what torch's allocator holds cached but unused
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return gpu_batch(torch.cuda.mem_get_info(device)[0] + cached, pixels)
     if device.type != "cpu":
         return GPU_BATCH
     return max(1, min(GPU_BATCH, CPU_BATCH_PIXELS // pixels))
