@@ -196,8 +196,8 @@ def tiny_sd3_pipeline(folder: Path, seed: int = 0) -> Path:
 def tiny_flux_pipeline(folder: Path, seed: int = 0, guidance_embeds: bool = True, full_width: bool = False) -> Path:
     """Save a tiny random-weight Flux.1 pipeline (32x32 images, 16x8x8 latents packed into 16 tokens) to `folder`;
     for tests. With `guidance_embeds` it is dev-like (guidance-distilled), without it schnell-like. With
-    `full_width` its transformer has FLUX.1's own width (24 heads of 128: 531M parameters, 2 GB), which diffusers'
-    single-file conversion assumes; else 2 heads of 16.
+    `full_width` its transformer has FLUX.1's own width (24 heads of 128: about 530M parameters, 2 GB), which
+    diffusers' single-file conversion assumes; else 2 heads of 16.
 
     Flux's layout at toy scale: a CLIP text encoder (its pooled output), a T5 encoder (the text tokens), a
     transformer with one double-stream and one single-stream block and 3-axis rotary positions, a 16-channel
