@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -450,20 +451,23 @@ def test_flux_checkpoint_is_told_dev_or_schnell(flux):
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["dev", "schnell"])
-def full_width_flux(request, tmp_path_factory) -> tuple[str, str]:
+def full_width_flux(request, tmp_path_factory):
     """(folder, checkpoint) of a Flux.1 whose transformer has FLUX.1's own width, in one double and one single block
     (2 GB): diffusers' conversion (convert_flux_transformer_checkpoint_to_diffusers) hard-codes that width, so the
-    tiny one above cannot load from a file. The text encoders and the VAE stay tiny."""
+    tiny one above cannot load from a file. The text encoders and the VAE stay tiny. Both are deleted after the
+    test (4 GB: pytest would keep them for its last three sessions)."""
     from diffusers import FluxPipeline
 
     from visualizer.demo_model.architecture import tiny_flux_pipeline
 
-    folder = tiny_flux_pipeline(tmp_path_factory.mktemp("flux-full-width"), guidance_embeds=request.param,
-                                full_width=True)
+    base = tmp_path_factory.mktemp("flux-full-width")
+    folder = tiny_flux_pipeline(base / "model", guidance_embeds=request.param, full_width=True)
     pipe = FluxPipeline.from_pretrained(folder)
-    weights = {**flux_transformer(pipe.transformer), **ldm_vae(pipe.vae), **sd3_text_encoders(pipe)}
-    del pipe
-    return str(folder), write_checkpoint(weights, folder.parent / f"flux-full-width-{request.param_index}.safetensors")
+    checkpoint = write_checkpoint({**flux_transformer(pipe.transformer), **ldm_vae(pipe.vae),
+                                   **sd3_text_encoders(pipe)}, base / "flux.safetensors")
+    del pipe  # 2 GB, not to be held while the test runs
+    yield str(folder), checkpoint
+    shutil.rmtree(base)
 
 
 def test_flux_checkpoint_loads_by_path_and_runs_as_its_folder(full_width_flux, load_options):
