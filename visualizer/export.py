@@ -203,14 +203,15 @@ def export_grid(runs, folder: str | Path, formats: Sequence[str] = ("png", "gif"
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     columns = columns or min(4, len(runs))
+    names = comparison_labels([r.settings for r in runs])
     written: dict[str, Path] = {}
     if "png" in formats:
         finals = [upscale(view_frames(r, view)[-1]) for r in runs]
         written["png"] = folder / "grid.png"
-        grid(finals, comparison_labels([r.settings for r in runs]), columns).save(written["png"])
+        grid(finals, names, columns).save(written["png"])
     animations = [f for f in formats if f in ("gif", "mp4", "webp")]
     if animations:
-        labels = [[f"{name} · {step_label(s, len(r))}" for s in r.steps] for r, name in zip(runs, comparison_labels([r.settings for r in runs]))]
+        labels = [[f"{name} · {step_label(s, len(r))}" for s in r.steps] for r, name in zip(runs, names)]
         images = grid_frames([view_frames(r, view) for r in runs], labels, columns)
         for fmt in animations:
             written[fmt] = ANIMATIONS[fmt][1](images, folder / f"grid.{fmt}", fps=fps)
