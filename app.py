@@ -65,7 +65,7 @@ def main(argv=None) -> None:
     for noisy in ("httpx", "httpcore", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from visualizer.ui import CSS, AppConfig, build
-    from visualizer.api import warm_up
+    from visualizer.api import share_cores, warm_up
 
     public = args.share or not is_loopback(args.host)
     output_dir = args.output_dir.resolve()
@@ -79,6 +79,7 @@ def main(argv=None) -> None:
         config.engine = serve.start(args.replicas or 1, args.replica_threads, args.ray_address, args.model)
         config.concurrent_runs = config.engine.replicas  # each replica has warmed the model up
     else:
+        share_cores(1)  # to this server and the browsers on this machine, while the model denoises
         warm_up(args.model)  # the first Generate streams as fast as later ones
     demo = build(config)
     auth = tuple(args.auth.split(":", 1)) if args.auth else None

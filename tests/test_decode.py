@@ -59,6 +59,43 @@ def test_the_budget_leaves_blocks_for_after_the_loop_and_the_final_image_comes_f
     assert np.array_equal(run.final_image, run.frames["xt"][-1]) and np.array_equal(run.final_image, lone)
 
 
+def _run_on_a_clock(tiny_model, tiny_pipe, monkeypatch, budget):
+    """A 10-step run where, by the decoder's clock, each step takes 1 s and each decoded frame 0.1 s."""
+    now = [0.0]
+    decode = tiny_pipe.vae.decode
+
+    def timed_decode(latents, **kwargs):
+        now[0] += 0.1 * len(latents)
+        return decode(latents, **kwargs)
+
+    monkeypatch.setattr(tiny_pipe.vae, "decode", timed_decode)
+    decoder, seen, shares = StreamingDecoder(tiny_pipe.vae, budget=budget, clock=lambda: now[0]), [], []
+
+    def on_step(event):
+        now[0] += 1.0
+        decoder(event)
+        decoded = decoder.frames.get(0, {}).get("xt")
+        seen.append(max(decoded) + 1 if decoded else None)
+        shares.append(decoder._decoding / (now[0] - decoder._started + 1.0))  # + step 1, before the first call
+
+    generate(Settings(prompt="a red circle", model=tiny_model, num_inference_steps=10, seed=2), tiny_pipe,
+             callback=on_step)
+    return seen, shares
+
+
+def test_a_block_is_decoded_live_only_if_its_cost_fits_the_budget(tiny_model, tiny_pipe, monkeypatch):
+    # blocks of 4 steps x 2 kinds = 0.8 s; step 1 alone = 0.2 s. With 10%, decoding steps 2-5 at step 5 would
+    # make it 1.0 s of 5.2 s (19%): they wait for the end of the loop, and so does every later block (the old
+    # rule, "decode while decoding has used at most 10% so far", decoded them: 0.2 s of 5.2 s)
+    seen, shares = _run_on_a_clock(tiny_model, tiny_pipe, monkeypatch, budget=0.10)
+    assert seen == [1] * 10
+    assert max(shares[1:]) <= 0.10
+    # with 25%, steps 2-5 fit at step 5 (1.0 s of 5.2 s), and steps 6-9 at step 9 (1.8 s of 10 s)
+    seen, shares = _run_on_a_clock(tiny_model, tiny_pipe, monkeypatch, budget=0.25)
+    assert seen == [1, 1, 1, 1, 5, 5, 5, 5, 9, 9]
+    assert max(shares[1:]) <= 0.25
+
+
 def test_frames_are_bit_identical_whatever_the_timing(tiny_model, tiny_pipe):
     """Fixed blocks: a frame's batch does not depend on how fast the run went (the load test relies on it)."""
     runs = []
@@ -81,3 +118,25 @@ def test_a_step_update_previews_the_newest_exact_frame_or_says_it_is_approximate
     assert seen[0].exact and seen[0].step == 1  # step 1 is decoded at once
     assert all(p.image.dtype == np.uint8 and p.step <= i + 1 for i, p in enumerate(seen))
     assert all(p.exact or "preview" in p.label for p in seen)
+
+
+def test_the_loop_leaves_the_spare_cores_and_decoding_after_it_uses_them_all(tiny_model):
+    import torch
+
+    from visualizer import api
+
+    def threads_seen():  # on the engine thread, where the run's torch work happens
+        all_cores = torch.get_num_threads()
+        seen = {type(item).__name__: torch.get_num_threads() for item in api._stream(
+            Settings(prompt="a red circle", model=tiny_model, num_inference_steps=3), None, None, ("xt", "x0"))}
+        return all_cores, seen, torch.get_num_threads()
+
+    api.share_cores(1)
+    try:
+        all_cores, seen, after = api.on_engine(threads_seen)
+    finally:
+        api.share_cores(0)
+    assert seen["StepUpdate"] == max(1, all_cores - 1)
+    assert seen["DecodeUpdate"] == seen["Run"] == after == all_cores
+    _, seen, _ = api.on_engine(threads_seen)
+    assert seen["StepUpdate"] == all_cores

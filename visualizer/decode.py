@@ -15,7 +15,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -56,8 +56,8 @@ CPU_BATCH_PIXELS = 8 * 64 * 64
 GPU_BATCH = 8
 GPU_DECODE_BYTES_PER_PIXEL = 4500
 GPU_DECODE_SHARE = 0.5
-# During a run, decode the newest step only while decoding has used at most this share of the run's time:
-# the live frames then slow the denoising by at most ~10%, and the rest is decoded in batches after it.
+# During a run, decode a block of steps only while decoding it too keeps decoding within this share of the
+# run's time: the live frames then slow the denoising by at most 10%, and the rest is decoded in batches after it.
 LIVE_DECODE_BUDGET = 0.10
 
 
@@ -181,22 +181,25 @@ class StreamingDecoder:
     once, then `decode_batch_size` frames at a time: batching amortises
     the decoder's per-call cost, and a frame's rounding depends on its batch, so fixed blocks make every
     frame bit-identical from run to run, whatever the timing). During the run a block is decoded as soon as
-    it is complete, while decoding has used at most `budget` of the run's time so far; the others wait, so
-    the denoising is slowed by at most that share. After the loop, `drain` decodes each finished run's final
-    image first (alone), then the waiting blocks. `budget=None` decodes every block as it completes.
+    it is complete if decoding it too (at the last decode's cost per frame) keeps decoding within `budget` of
+    the run's time so far; the others wait, so the denoising is slowed by at most that share. After the loop,
+    `drain` decodes each finished run's final image first (alone), then the waiting blocks. `budget=None`
+    decodes every block as it completes. `clock` (seconds) is the one the budget is kept by.
     """
 
-    def __init__(self, vae, kinds: tuple[str, ...] = ("xt", "x0"), budget: float | None = LIVE_DECODE_BUDGET):
-        self.vae, self.kinds, self.budget = vae, kinds, budget
+    def __init__(self, vae, kinds: tuple[str, ...] = ("xt", "x0"), budget: float | None = LIVE_DECODE_BUDGET,
+                 clock: Callable[[], float] = time.perf_counter):
+        self.vae, self.kinds, self.budget, self.clock = vae, kinds, budget, clock
         self.frames: dict[int, dict[str, dict[int, np.ndarray]]] = {}  # sampler -> kind -> step (0-based) -> frame
         self._filling: dict[int, list] = {}  # sampler -> the block being filled: [(sampler, kind, step, latents)]
         self._waiting: list[list] = []  # complete blocks not decoded yet
         self._block_steps: int | None = None
         self._started: float | None = None
         self._decoding = 0.0  # seconds spent decoding so far
+        self._frame_cost = 0.0  # seconds per frame of the last decode
 
     def __call__(self, event) -> None:
-        self._started = self._started or time.perf_counter()
+        self._started = self._started or self.clock()
         if self._block_steps is None:
             self._block_steps = max(1, decode_batch_size(self.vae, event.latents) // len(self.kinds))
         block = self._filling.setdefault(event.sampler_index, [])
@@ -205,17 +208,20 @@ class StreamingDecoder:
         if len(block) < steps * len(self.kinds):
             return
         del self._filling[event.sampler_index]
-        if self.budget is None or self._decoding <= self.budget * (time.perf_counter() - self._started):
+        cost = self._decoding + self._frame_cost * len(block)
+        if self.budget is None or cost <= self.budget * (self.clock() - self._started):
             self._decode(block)
         else:
             self._waiting.append(block)
 
     def _decode(self, entries: list) -> None:
-        started = time.perf_counter()
+        started = self.clock()
         decoded = vae_decode(self.vae, torch.cat([t for *_, t in entries]), batch_size=len(entries))
         for (index, kind, step, _), frame in zip(entries, decoded):
             self.frames.setdefault(index, {}).setdefault(kind, {})[step] = frame
-        self._decoding += time.perf_counter() - started
+        seconds = self.clock() - started
+        self._decoding += seconds
+        self._frame_cost = seconds / len(entries)
 
     def drain(self, runs) -> Iterator[int]:
         """After the loop: decode each finished run's final image (alone), then the waiting blocks and each run's
