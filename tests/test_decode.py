@@ -36,7 +36,9 @@ def test_without_a_budget_each_block_is_decoded_as_it_completes(tiny_model, tiny
     decoder, seen = StreamingDecoder(tiny_pipe.vae, budget=None), []
     run = _run_with(decoder, tiny_model, tiny_pipe, seen)
     assert seen == [1, 1, 1, 1, 5, 5, 5, 5, 9, 9]  # step 1 alone, then blocks of 4 steps x 2 kinds (32x32)
-    decoder.finish([run])
+    assert list(decoder.drain([run])) == [1, 0]  # the last, partial block: the final image alone, then x0-hat
+    assert list(decoder.drain([run])) == [0]  # nothing left: still one "done" after the loop (on it the app shows
+    decoder.finish([run])                     # the final image at once)
     for kind in ("xt", "x0"):  # batched and one-by-one convolutions may round differently: 2/255 at most
         exact = vae_decode(tiny_pipe.vae, run.tensors[kind], batch_size=1).astype(int)
         assert np.abs(np.stack(run.frames[kind]).astype(int) - exact).max() <= 2, kind

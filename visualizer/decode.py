@@ -225,7 +225,8 @@ class StreamingDecoder:
 
     def drain(self, runs) -> Iterator[int]:
         """After the loop: decode each finished run's final image (alone), then the waiting blocks and each run's
-        last, partial block; yield the number of frames still to decode after each batch (0 at the end)."""
+        last, partial block; yield the number of frames still to decode after each batch, and 0 at the end (also
+        when every frame was decoded during the loop)."""
         blocks = self._waiting + [block for _, block in sorted(self._filling.items())]
         self._waiting, self._filling = [], {}
         last = {index: len(run) - 1 for index, run in enumerate(runs) if len(run) and not run.info.stopped}
@@ -233,6 +234,8 @@ class StreamingDecoder:
         blocks = [[e for e in block if not any(e is f for f in finals)] for block in blocks]
         chunks = [[e] for e in finals] + [block for block in blocks if block]
         remaining = sum(len(c) for c in chunks)
+        if not chunks:
+            yield 0
         for chunk in chunks:
             self._decode(chunk)
             remaining -= len(chunk)

@@ -182,7 +182,8 @@ class App:
                         for k, run in enumerate(item.runs):
                             cell = files.cells[first_cell + k]
                             cell.steps, cell.total = list(run.steps), len(run)
-                        status = f"{model}denoised; decoding the remaining frames ({item.remaining} left)…"
+                        status = f"{model}denoised; " + (f"decoding the remaining frames ({item.remaining} left)…"
+                                                         if item.remaining else "computing the insight…")
                         progress = (number + 1) / len(jobs)
                     else:
                         runs += item if isinstance(item, list) else [item]
