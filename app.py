@@ -65,7 +65,7 @@ def main(argv=None) -> None:
     for noisy in ("httpx", "httpcore", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from visualizer.ui import CSS, AppConfig, build
-    from visualizer.api import share_cores, warm_up
+    from visualizer.api import warm_up
 
     public = args.share or not is_loopback(args.host)
     output_dir = args.output_dir.resolve()
@@ -79,7 +79,6 @@ def main(argv=None) -> None:
         config.engine = serve.start(args.replicas or 1, args.replica_threads, args.ray_address, args.model)
         config.concurrent_runs = config.engine.replicas  # each replica has warmed the model up
     else:
-        share_cores(1)  # to this server and the browsers on this machine, while the model denoises
         warm_up(args.model)  # the first Generate streams as fast as later ones
     demo = build(config)
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
@@ -91,5 +90,15 @@ def main(argv=None) -> None:
                 css=CSS, footer_links=["api"], ssr_mode=False)
 
 
+def leave_a_core() -> None:
+    """torch's CPU threads for this process: every core but one, left to this server and to a browser on the same
+    machine. With torch's threads on every core, whatever else runs stalls all of them at their next join (measured
+    on 2 cores, the app in Chromium, `bench --app`: the final image on screen 1.99 s with 2 threads, 1.39 s with 1).
+    Only an environment variable read when torch loads does this: torch.set_num_threads(n >= 2) made every later run
+    on the engine thread 2x slower (0.80 s -> 1.6 s). An OMP_NUM_THREADS already set wins."""
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) - 1)))
+
+
 if __name__ == "__main__":
+    leave_a_core()  # before torch is imported
     main()

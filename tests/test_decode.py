@@ -121,24 +121,3 @@ def test_a_step_update_previews_the_newest_exact_frame_or_says_it_is_approximate
     assert all(p.image.dtype == np.uint8 and p.step <= i + 1 for i, p in enumerate(seen))
     assert all(p.exact or "preview" in p.label for p in seen)
 
-
-def test_the_loop_leaves_the_spare_cores_and_decoding_after_it_uses_them_all(tiny_model):
-    import torch
-
-    from visualizer import api
-
-    def threads_seen():  # on the engine thread, where the run's torch work happens
-        all_cores = torch.get_num_threads()
-        seen = {type(item).__name__: torch.get_num_threads() for item in api._stream(
-            Settings(prompt="a red circle", model=tiny_model, num_inference_steps=3), None, None, ("xt", "x0"))}
-        return all_cores, seen, torch.get_num_threads()
-
-    api.share_cores(1)
-    try:
-        all_cores, seen, after = api.on_engine(threads_seen)
-    finally:
-        api.share_cores(0)
-    assert seen["StepUpdate"] == max(1, all_cores - 1)
-    assert seen["DecodeUpdate"] == seen["Run"] == after == all_cores
-    _, seen, _ = api.on_engine(threads_seen)
-    assert seen["StepUpdate"] == all_cores

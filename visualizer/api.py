@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
-import torch
 
 from . import insight
 from .decode import EXACT, CheapPreview, Preview, StreamingDecoder, decode_run
@@ -34,18 +33,6 @@ from .samplers import fitting
 # 2D-playground sample in another thread; 1.03 s -> 2.0 s with work spread over a server's worker threads).
 ENGINE_THREAD = "visualizer-engine"
 _ENGINE = ThreadPoolExecutor(max_workers=1, thread_name_prefix=ENGINE_THREAD)
-
-
-_spare_cores = 0  # CPU cores a run's denoising loop leaves to other work (share_cores)
-
-
-def share_cores(spare: int) -> None:
-    """From now on, leave `spare` CPU cores (torch threads) to other work while a run denoises; decoding after
-    the loop uses them all again. For a web server whose pages render on the same machine: when torch's
-    threads fill every core, whatever else runs stalls all of them at their next join (measured on 2 cores,
-    the app in Chromium: the final image on screen after 1.71 s with 2 threads in the loop, 1.24 s with 1)."""
-    global _spare_cores
-    _spare_cores = max(0, spare)
 
 
 def on_engine(fn, *args):
@@ -147,8 +134,6 @@ def _stream(settings, samplers, should_stop, frames):
     decoder = StreamingDecoder(pipe.vae, tuple(frames)) if frames else None
     cheap = CheapPreview(pipe, use_taesd=settings.model != EMBEDDED)
     steps = denoise_steps(settings_list, pipe, should_stop)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads - _spare_cores))
     try:
         while True:
             try:
@@ -161,7 +146,6 @@ def _stream(settings, samplers, should_stop, frames):
             yield StepUpdate(event, snapshot(decoder.frames) if decoder else {}, cheap)
     finally:
         steps.close()
-        torch.set_num_threads(threads)
     if decoder is not None:
         for remaining in decoder.drain(runs):
             yield DecodeUpdate(runs, snapshot(decoder.frames), remaining)

@@ -63,11 +63,14 @@ class StopBoard:
 
 @serve.deployment(max_ongoing_requests=1)  # one run at a time per replica; the others queue at the handle
 class Engine:
-    """One replica: the pipeline(s) it has loaded, run through `api` with `threads` torch threads."""
+    """One replica: the pipeline(s) it has loaded, run through `api` with the torch threads its process was started
+    with (OMP_NUM_THREADS: see Replicas)."""
 
-    def __init__(self, threads: int, model: str):
-        torch.set_num_threads(threads)
+    def __init__(self, model: str):
         api.warm_up(model)
+
+    def torch_threads(self) -> int:
+        return api.on_engine(torch.get_num_threads)
 
     def stream(self, key: str, settings: Settings, samplers: list[str] | None, frames: tuple[str, ...],
                board) -> Iterator:
@@ -157,9 +160,12 @@ class Replicas:
         """Deploy `replicas` Engine replicas on the Ray this process is connected to (one GPU each where the cluster
         has GPUs, else `threads` CPUs each); returns once every replica has loaded `model`."""
         gpus = ray.cluster_resources().get("GPU", 0) > 0
+        # torch's threads come from the replica process's environment: torch.set_num_threads(n >= 2) in the replica
+        # would make every run on its engine thread 2x slower (see app.leave_a_core)
         options = {"num_gpus": 1} if gpus else {"num_cpus": threads}
+        options["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(threads)}}
         self.replicas = replicas
-        self._handle = serve.run(Engine.options(num_replicas=replicas, ray_actor_options=options).bind(threads, model),
+        self._handle = serve.run(Engine.options(num_replicas=replicas, ray_actor_options=options).bind(model),
                                  name=APP_NAME, route_prefix=None)
         self._board = StopBoard.remote()
 
@@ -198,6 +204,10 @@ class Replicas:
             if should_stop():
                 self._board.stop.remote(key)
                 return
+
+    def torch_threads(self) -> int:
+        """The torch CPU threads of a replica (they all have the same)."""
+        return _result(self._handle.torch_threads.remote())
 
     def redecode(self, run: Run) -> None:
         run.frames, run.final_image = _result(self._handle.redecode.remote(dataclasses.replace(run, frames={})))
