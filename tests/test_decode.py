@@ -1,8 +1,14 @@
 """Decoding every step: the streaming decoder's frames are the exact VAE frames, batched where it pays."""
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import torch
 
-from visualizer.decode import StreamingDecoder, decode_batch_size, gpu_batch, vae_decode
+from visualizer import api
+from visualizer.decode import StreamingDecoder, decode_batch_size, decode_workers, gpu_batch, vae_decode
 from visualizer.denoise import generate
 from visualizer.run import Settings
 
@@ -111,8 +117,6 @@ def test_frames_are_bit_identical_whatever_the_timing(tiny_model, tiny_pipe):
 
 
 def test_a_step_update_previews_the_newest_exact_frame_or_says_it_is_approximate(tiny_model):
-    from visualizer import api
-
     seen = []
     for item in api.stream(Settings(prompt="a red circle", model=tiny_model, num_inference_steps=6, seed=2)):
         if isinstance(item, api.StepUpdate):
@@ -121,3 +125,40 @@ def test_a_step_update_previews_the_newest_exact_frame_or_says_it_is_approximate
     assert all(p.image.dtype == np.uint8 and p.step <= i + 1 for i, p in enumerate(seen))
     assert all(p.exact or "preview" in p.label for p in seen)
 
+
+
+WORKERS_SCRIPT = """
+import json, sys, torch
+import numpy as np
+from visualizer.decode import StreamingDecoder, decode_workers
+from visualizer.denoise import generate
+from visualizer.models import load_pipeline
+from visualizer.run import Settings
+
+pipe = load_pipeline(sys.argv[1])
+frames, left = [], []
+for workers in (1, 2):
+    decoder = StreamingDecoder(pipe.vae, budget=0.0, workers=workers)
+    run = generate(Settings(prompt="a red circle", model=sys.argv[1], num_inference_steps=10, seed=2), pipe,
+                   callback=decoder)
+    left.append(list(decoder.drain([run])))
+    decoder.finish([run])
+    frames.append(np.stack(run.frames["xt"] + run.frames["x0"]))
+print(json.dumps({"threads": torch.get_num_threads(), "workers": decode_workers(pipe.vae), "left": left,
+                  "identical": bool(np.array_equal(*frames))}))
+"""
+
+
+def test_with_one_torch_thread_the_frames_left_after_the_loop_are_decoded_on_every_core_bit_for_bit(tiny_model):
+    """As app.py runs on 2 cores (OMP_NUM_THREADS=1): each block on a thread of its own gives the same frames."""
+    done = subprocess.run([sys.executable, "-c", WORKERS_SCRIPT, str(tiny_model)], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["threads"] == 1 and result["workers"] == len(os.sched_getaffinity(0))
+    assert result["left"][0] == result["left"][1] == [17, 9, 1, 0]  # the final image alone, then blocks of 8
+    assert result["identical"]
+
+
+def test_with_torch_on_every_core_the_frames_left_are_decoded_on_the_engine_thread_alone(tiny_pipe):
+    assert api.on_engine(torch.get_num_threads) > 1 or os.cpu_count() == 1
+    assert api.on_engine(decode_workers, tiny_pipe.vae) == 1

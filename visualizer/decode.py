@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -85,6 +86,15 @@ def decode_batch_size(vae, latents: torch.Tensor) -> int:
     if device.type != "cpu":
         return GPU_BATCH
     return max(1, min(GPU_BATCH, CPU_BATCH_PIXELS // pixels))
+
+
+def decode_workers(vae) -> int:
+    """Threads to decode a run's remaining frames with after its loop: one per core where torch runs one thread
+    on a CPU (OMP_NUM_THREADS=1, as app.py sets on a 2-core machine), else 1 (torch's own threads already fill the
+    cores, and a second thread's parallel torch ops would slow the engine thread for good: see api)."""
+    if module_device(vae).type != "cpu" or torch.get_num_threads() != 1:
+        return 1
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def gpu_batch(free_bytes: int, pixels: int) -> int:
@@ -188,8 +198,9 @@ class StreamingDecoder:
     """
 
     def __init__(self, vae, kinds: tuple[str, ...] = ("xt", "x0"), budget: float | None = LIVE_DECODE_BUDGET,
-                 clock: Callable[[], float] = time.perf_counter):
+                 clock: Callable[[], float] = time.perf_counter, workers: int | None = None):
         self.vae, self.kinds, self.budget, self.clock = vae, kinds, budget, clock
+        self.workers = workers  # threads decoding the blocks left after the loop (None: decode_workers)
         self.frames: dict[int, dict[str, dict[int, np.ndarray]]] = {}  # sampler -> kind -> step (0-based) -> frame
         self._filling: dict[int, list] = {}  # sampler -> the block being filled: [(sampler, kind, step, latents)]
         self._waiting: list[list] = []  # complete blocks not decoded yet
@@ -216,12 +227,17 @@ class StreamingDecoder:
 
     def _decode(self, entries: list) -> None:
         started = self.clock()
-        decoded = vae_decode(self.vae, torch.cat([t for *_, t in entries]), batch_size=len(entries))
-        for (index, kind, step, _), frame in zip(entries, decoded):
-            self.frames.setdefault(index, {}).setdefault(kind, {})[step] = frame
+        self._store(entries, self._frames_of(entries))
         seconds = self.clock() - started
         self._decoding += seconds
         self._frame_cost = seconds / len(entries)
+
+    def _frames_of(self, entries: list) -> np.ndarray:
+        return vae_decode(self.vae, torch.cat([t for *_, t in entries]), batch_size=len(entries))
+
+    def _store(self, entries: list, decoded: np.ndarray) -> None:
+        for (index, kind, step, _), frame in zip(entries, decoded):
+            self.frames.setdefault(index, {}).setdefault(kind, {})[step] = frame
 
     def drain(self, runs) -> Iterator[int]:
         """After the loop: decode each finished run's final image (alone), then the waiting blocks and each run's
@@ -232,14 +248,29 @@ class StreamingDecoder:
         last = {index: len(run) - 1 for index, run in enumerate(runs) if len(run) and not run.info.stopped}
         finals = [e for block in blocks for e in block if e[1] == "xt" and last.get(e[0]) == e[2]]
         blocks = [[e for e in block if not any(e is f for f in finals)] for block in blocks]
-        chunks = [[e] for e in finals] + [block for block in blocks if block]
-        remaining = sum(len(c) for c in chunks)
-        if not chunks:
+        rest = [block for block in blocks if block]
+        remaining = len(finals) + sum(len(block) for block in rest)
+        if not remaining:
             yield 0
-        for chunk in chunks:
-            self._decode(chunk)
-            remaining -= len(chunk)
+        for final in finals:
+            self._decode([final])
+            remaining -= 1
             yield remaining
+        workers = self.workers or decode_workers(self.vae)
+        if workers == 1 or len(rest) < 2:
+            for block in rest:
+                self._decode(block)
+                remaining -= len(block)
+                yield remaining
+            return
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="visualizer-decode")
+        try:  # each block on one thread, as it would be here: the same frames, bit for bit
+            for block, future in [(block, pool.submit(self._frames_of, block)) for block in rest]:
+                self._store(block, future.result())
+                remaining -= len(block)
+                yield remaining
+        finally:  # closed early: nothing keeps decoding behind the caller's back
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def finish(self, runs) -> None:
         """Decode what is left and attach frames (and final images) to `runs`, in sampler order."""
