@@ -66,6 +66,7 @@ def main(argv=None) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from visualizer.ui import CSS, AppConfig, build
     from visualizer.api import warm_up
+    from visualizer.decode import use_cores
 
     public = args.share or not is_loopback(args.host)
     output_dir = args.output_dir.resolve()
@@ -79,6 +80,7 @@ def main(argv=None) -> None:
         config.engine = serve.start(args.replicas or 1, args.replica_threads, args.ray_address, args.model)
         config.concurrent_runs = config.engine.replicas  # each replica has warmed the model up
     else:
+        use_cores(cores())  # for the frames left after a run's loop, where torch runs one thread (2 cores)
         warm_up(args.model)  # the first Generate streams as fast as later ones
     demo = build(config)
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
@@ -96,7 +98,12 @@ def leave_a_core() -> None:
     on 2 cores, the app in Chromium, `bench --app`: the final image on screen 1.99 s with 2 threads, 1.39 s with 1).
     Only an environment variable read when torch loads does this: torch.set_num_threads(n >= 2) made every later run
     on the engine thread 2x slower (0.80 s -> 1.6 s). An OMP_NUM_THREADS already set wins."""
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) - 1)))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores() - 1)))
+
+
+def cores() -> int:
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import dataclasses
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -27,7 +28,8 @@ from .run import FRAME_KINDS, Run, Settings
 from .samplers import fitting
 
 
-# All torch work runs on this one thread (the model's, and the 2D playground's). torch's CPU thread pool
+# All torch work runs on this one thread (the model's, and the 2D playground's), but for the frames decoded after a
+# run's loop where torch runs one thread per thread (decode.use_cores). torch's CPU thread pool
 # (OpenMP) is per calling thread: once a second thread has run a parallel torch op, every later run on this one
 # is about 2x slower on a 2-core machine, for good (measured: 0.84 s -> 1.78 s for the same 25-step run after one
 # 2D-playground sample in another thread; 1.03 s -> 2.0 s with work spread over a server's worker threads).
@@ -147,8 +149,9 @@ def _stream(settings, samplers, should_stop, frames):
     finally:
         steps.close()
     if decoder is not None:
-        for remaining in decoder.drain(runs):
-            yield DecodeUpdate(runs, snapshot(decoder.frames), remaining)
+        with closing(decoder.drain(runs)) as drained:  # closed early: its decoding threads stop with it
+            for remaining in drained:
+                yield DecodeUpdate(runs, snapshot(decoder.frames), remaining)
         decoder.finish(runs)
         for r in runs:
             insight.attach_metrics(r)

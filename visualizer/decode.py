@@ -58,7 +58,8 @@ GPU_BATCH = 8
 GPU_DECODE_BYTES_PER_PIXEL = 4500
 GPU_DECODE_SHARE = 0.5
 # During a run, decode a block of steps only while decoding it too keeps decoding within this share of the
-# run's time: the live frames then slow the denoising by at most 10%, and the rest is decoded in batches after it.
+# run's time: the live frames after step 1 (always decoded at once) then slow the denoising by at most 10%, and the
+# rest is decoded in batches after it.
 LIVE_DECODE_BUDGET = 0.10
 
 
@@ -88,13 +89,23 @@ def decode_batch_size(vae, latents: torch.Tensor) -> int:
     return max(1, min(GPU_BATCH, CPU_BATCH_PIXELS // pixels))
 
 
+_decode_cores = 1  # cores the frames left after a run's loop may be decoded on (use_cores)
+
+
+def use_cores(cores: int) -> None:
+    """Let the frames left after each run's loop be decoded on up to `cores` threads, one block each, where torch
+    runs one thread on the CPU (app.py: the cores of its machine; Ray replicas keep 1, their cores are shared)."""
+    global _decode_cores
+    _decode_cores = max(1, cores)
+
+
 def decode_workers(vae) -> int:
-    """Threads to decode a run's remaining frames with after its loop: one per core where torch runs one thread
-    on a CPU (OMP_NUM_THREADS=1, as app.py sets on a 2-core machine), else 1 (torch's own threads already fill the
-    cores, and a second thread's parallel torch ops would slow the engine thread for good: see api)."""
+    """Threads to decode a run's remaining frames with after its loop: up to `use_cores` where the VAE is on the CPU
+    and torch runs one thread (app.py's OMP_NUM_THREADS on a 2-core machine), else 1 (torch's own threads already
+    fill the cores, and a second thread's parallel torch ops would slow the engine thread for good: see api)."""
     if module_device(vae).type != "cpu" or torch.get_num_threads() != 1:
         return 1
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return _decode_cores
 
 
 def gpu_batch(free_bytes: int, pixels: int) -> int:
@@ -192,7 +203,8 @@ class StreamingDecoder:
     the decoder's per-call cost, and a frame's rounding depends on its batch, so fixed blocks make every
     frame bit-identical from run to run, whatever the timing). During the run a block is decoded as soon as
     it is complete if decoding it too (at the last decode's cost per frame) keeps decoding within `budget` of
-    the run's time so far; the others wait, so the denoising is slowed by at most that share. After the loop,
+    the run's time so far; the others wait, so step 1's frames aside, the denoising is slowed by at most that
+    share (the estimate is conservative: step 1's small batch costs more per frame than a full block). After the loop,
     `drain` decodes each finished run's final image first (alone), then the waiting blocks. `budget=None`
     decodes every block as it completes. `clock` (seconds) is the one the budget is kept by.
     """
@@ -210,7 +222,8 @@ class StreamingDecoder:
         self._frame_cost = 0.0  # seconds per frame of the last decode
 
     def __call__(self, event) -> None:
-        self._started = self._started or self.clock()
+        if self._started is None:
+            self._started = self.clock()
         if self._block_steps is None:
             self._block_steps = max(1, decode_batch_size(self.vae, event.latents) // len(self.kinds))
         block = self._filling.setdefault(event.sampler_index, [])
@@ -256,8 +269,8 @@ class StreamingDecoder:
             self._decode([final])
             remaining -= 1
             yield remaining
-        workers = self.workers or decode_workers(self.vae)
-        if workers == 1 or len(rest) < 2:
+        workers = self.workers if self.workers is not None else decode_workers(self.vae)
+        if workers <= 1 or len(rest) < 2:
             for block in rest:
                 self._decode(block)
                 remaining -= len(block)

@@ -69,9 +69,6 @@ class Engine:
     def __init__(self, model: str):
         api.warm_up(model)
 
-    def torch_threads(self) -> int:
-        return api.on_engine(torch.get_num_threads)
-
     def stream(self, key: str, settings: Settings, samplers: list[str] | None, frames: tuple[str, ...],
                board) -> Iterator:
         """api.stream's items ready to send: tensors on the CPU, and each item's frames only those not sent before
@@ -204,10 +201,6 @@ class Replicas:
             if should_stop():
                 self._board.stop.remote(key)
                 return
-
-    def torch_threads(self) -> int:
-        """The torch CPU threads of a replica (they all have the same)."""
-        return _result(self._handle.torch_threads.remote())
 
     def redecode(self, run: Run) -> None:
         run.frames, run.final_image = _result(self._handle.redecode.remote(dataclasses.replace(run, frames={})))
