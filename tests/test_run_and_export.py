@@ -25,6 +25,8 @@ def decoded_run(tiny_model, tiny_pipe):
     ("guidance_scale", float("nan"), "finite"),
     ("guidance_scale", float("inf"), "finite"),
     ("guidance_scale", -1, "from 0 to 50"),
+    ("true_cfg_scale", 51, "True CFG scale must be a finite number from 0 to 50"),
+    ("true_cfg_scale", "strong", "True CFG scale must be a number"),
     ("seed", 1.5, "whole number"),
     ("seed", -1, "Seed must be from 0"),
     ("seed", 2**70, "Seed must be from 0"),

@@ -59,14 +59,8 @@ class Settings:
             raise SettingsError(f"attention must be True or False, got {self.attention!r}.")
         self.num_inference_steps = _whole("Steps", self.num_inference_steps, 1, MAX_STEPS)
         self.seed = _whole("Seed", self.seed, 0, MAX_SEED)
-        self.guidance_scale = _number("Guidance scale", self.guidance_scale)
-        if not 0 <= self.guidance_scale <= MAX_GUIDANCE:
-            raise SettingsError(f"Guidance scale must be a finite number from 0 to {MAX_GUIDANCE:g}, "
-                                f"got {self.guidance_scale}.")
-        self.true_cfg_scale = _number("True CFG scale", self.true_cfg_scale)
-        if not 0 <= self.true_cfg_scale <= MAX_GUIDANCE:
-            raise SettingsError(f"True CFG scale must be a finite number from 0 to {MAX_GUIDANCE:g}, "
-                                f"got {self.true_cfg_scale}.")
+        self.guidance_scale = _scale("Guidance scale", self.guidance_scale)
+        self.true_cfg_scale = _scale("True CFG scale", self.true_cfg_scale)
         self.strength = _number("Strength", self.strength)
         if not 0 < self.strength <= 1:
             raise SettingsError(f"Strength must be above 0 and at most 1, got {self.strength}.")
@@ -109,6 +103,14 @@ def _number(label: str, value) -> float:
         raise SettingsError(f"{label} must be a number, got {value!r}.") from None
     if not math.isfinite(value):
         raise SettingsError(f"{label} must be a finite number, got {value}.")
+    return value
+
+
+def _scale(label: str, value) -> float:
+    """A guidance scale: a number from 0 to MAX_GUIDANCE."""
+    value = _number(label, value)
+    if not 0 <= value <= MAX_GUIDANCE:
+        raise SettingsError(f"{label} must be a finite number from 0 to {MAX_GUIDANCE:g}, got {value}.")
     return value
 
 
