@@ -127,7 +127,6 @@ def test_a_step_update_previews_the_newest_exact_frame_or_says_it_is_approximate
     assert all(p.exact or "preview" in p.label for p in seen)
 
 
-
 WORKERS_SCRIPT = """
 import json, sys, torch
 import numpy as np

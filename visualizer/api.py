@@ -118,7 +118,8 @@ def stream(settings: Settings, samplers: Sequence[str] | None = None, *, should_
            frames: Sequence[str] = FRAME_KINDS) -> Iterator[StepUpdate | DecodeUpdate | Run | list[Run]]:
     """Generate, yielding a StepUpdate after every finished step, a DecodeUpdate per batch of frames decoded
     after the loop (the final image first; one with `remaining` 0 if all were decoded during it), then the Run
-    (or, with `samplers`, the list of Runs, one per sampler in lockstep on the same noise). The work runs on the engine thread (see _ENGINE).
+    (or, with `samplers`, the list of Runs, one per sampler in lockstep on the same noise). The work runs on
+    the engine thread (see _ENGINE).
 
     Every step's `frames` (x_t and x0-hat; () for none) are VAE-decoded exactly (decode.StreamingDecoder: some
     during the run, the rest after it), and the runs end with their frames, final image and (with both

@@ -204,9 +204,9 @@ class StreamingDecoder:
     frame bit-identical from run to run, whatever the timing). During the run a block is decoded as soon as
     it is complete if decoding it too (at the last decode's cost per frame) keeps decoding within `budget` of
     the run's time so far; the others wait, so step 1's frames aside, the denoising is slowed by at most that
-    share (the estimate is conservative: step 1's small batch costs more per frame than a full block). After the loop,
-    `drain` decodes each finished run's final image first (alone), then the waiting blocks. `budget=None`
-    decodes every block as it completes. `clock` (seconds) is the one the budget is kept by.
+    share (the estimate is conservative: step 1's small batch costs more per frame than a full block). After
+    the loop, `drain` decodes each finished run's final image first (alone), then the waiting blocks.
+    `budget=None` decodes every block as it completes. `clock` (seconds) is the one the budget is kept by.
     """
 
     def __init__(self, vae, kinds: tuple[str, ...] = ("xt", "x0"), budget: float | None = LIVE_DECODE_BUDGET,
@@ -270,20 +270,20 @@ class StreamingDecoder:
             remaining -= 1
             yield remaining
         workers = self.workers if self.workers is not None else decode_workers(self.vae)
-        if workers <= 1 or len(rest) < 2:
-            for block in rest:
-                self._decode(block)
-                remaining -= len(block)
-                yield remaining
-            return
-        pool = ThreadPoolExecutor(workers, thread_name_prefix="visualizer-decode")
-        try:  # each block on one thread, as it would be here: the same frames, bit for bit
-            for block, future in [(block, pool.submit(self._frames_of, block)) for block in rest]:
-                self._store(block, future.result())
+        parallel = workers > 1 and len(rest) > 1
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="visualizer-decode") if parallel else None
+        if pool is None:
+            decoded = (self._frames_of(block) for block in rest)  # here, one block at a time
+        else:  # each block on one thread, as it would be here: the same frames, bit for bit
+            decoded = (future.result() for future in [pool.submit(self._frames_of, block) for block in rest])
+        try:
+            for block, frames in zip(rest, decoded):
+                self._store(block, frames)
                 remaining -= len(block)
                 yield remaining
         finally:  # closed early: nothing keeps decoding behind the caller's back
-            pool.shutdown(wait=True, cancel_futures=True)
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
 
     def finish(self, runs) -> None:
         """Decode what is left and attach frames (and final images) to `runs`, in sampler order."""
