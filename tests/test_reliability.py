@@ -178,6 +178,25 @@ def test_remote_servers_refuse_arbitrary_model_folders(tiny_model, tmp_path):
         next(app.generate("a red circle", "", 1, 3, 7.5, "Euler", 0, 0, "/etc"))
 
 
+def test_streamed_updates_make_gradio_rebuild_only_the_player(tiny_model, tmp_path):
+    """gr.skip() or gr.update() for an output makes Gradio build a new component and its config at every streamed
+    update, in Python, under the GIL the model's loop needs: while a run streams, only the player (and the run id,
+    a gr.State, skipped for free) may be updated that way; every other output gets a plain value."""
+    from gradio.utils import is_prop_update
+
+    from visualizer.ui_handlers import App, AppConfig
+
+    app = App(AppConfig(output_dir=tmp_path, default_model=tiny_model, example_dir=None))
+    runs = {"generate": app.generate("a red circle", "", 1, 6, 7.5, "Euler", 0, 0, tiny_model),
+            "compare": app.compare("a red circle", "", 1, 6, 7.5, ["Euler", "DDIM"], 0, 0, tiny_model)}
+    for name, updates in runs.items():
+        *streamed, last = updates
+        assert streamed, name
+        for outputs in streamed:
+            assert [k for k, value in enumerate(outputs) if is_prop_update(value)] == [0, 2], name
+        assert last[2] and not is_prop_update(last[2])  # the finished run's id
+
+
 def test_stop_closes_the_generator_within_a_step(tiny_model, tmp_path):
     from visualizer.ui_handlers import App, AppConfig
 
