@@ -221,6 +221,8 @@ def test_the_frame_is_not_covered_while_the_run_computes(server, browser):
     player.wait_status("Stopped early")
     assert page.locator("#player .vp-view").input_value() == "x0"  # the best guess so far, and it says so
     assert "best guess" in player.status()
+    # nothing of the run kept in the browser: Gradio's run history rewrote every run's outputs at each update
+    assert page.evaluate("Object.keys(localStorage).filter(k => k.includes('run-history'))") == []
     shot(page, "stopped-1280")
     page.close()
 
