@@ -477,8 +477,10 @@ def test_image_space_map_follows_the_slider_and_maps_several_seeds(server, brows
     box = page.locator("#map-seeds input[type=number]")
     box.fill("3")
     box.press("Enter")
+    page.wait_for_function("document.querySelector('#map-seeds input[type=range]').value === '3'")  # committed
     page.locator("#map-button").click()
-    page.wait_for_function("document.querySelector('#map-summary')?.innerText.includes('Seeds 0–2')", timeout=60000)
+    page.wait_for_function("document.querySelector('#map-summary')?.innerText.includes('Seeds 0–')", timeout=60000)
+    assert "Seeds 0–2" in page.locator("#map-summary").inner_text()
     page.wait_for_function("document.querySelector('#map-image img')?.naturalWidth >= 360")
     page.locator("#map-image").scroll_into_view_if_needed()
     shot(page, "image-space-1280")
