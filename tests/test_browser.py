@@ -223,6 +223,7 @@ def test_the_frame_is_not_covered_while_the_run_computes(server, browser):
     assert "best guess" in player.status()
     # nothing of the run kept in the browser: Gradio's run history rewrote every run's outputs at each update
     assert page.evaluate("Object.keys(localStorage).filter(k => k.includes('run-history'))") == []
+    assert page.evaluate("JSON.stringify(localStorage).length") < 5000
     shot(page, "stopped-1280")
     page.close()
 

@@ -226,13 +226,12 @@ class App:
                                  init_image, strength, attention, true_cfg)
         notice = _vocabulary_notice(settings.prompt, settings.model)
         for props, run_id in self._stream([(settings, None)], request):
-            # While it streams, every output but the player gets a plain value (repeated: Gradio sends only what
-            # changed), and only the run id, a gr.State, gets gr.skip(). For any other output gr.skip() or gr.update()
-            # makes Gradio build a new component and its config at each update (about 1 ms, a table 12 ms) in Python,
-            # under the GIL the model's loop needs: 0.15 CPU-s per run of the server, measured. The first update
-            # clears the previous run's panels.
+            # While it streams, the previous run is gone from the page: its panels, downloads and run id are empty
+            # until this run is done. Every output but the player gets a plain value: gr.skip() or gr.update() makes
+            # Gradio build a new component and its config at each update (about 1 ms, a table 12 ms), in Python,
+            # under the GIL the model's loop needs.
             if run_id is None:
-                yield (gr.update(**props), None, gr.skip(), None, props["status"], notice,
+                yield (gr.update(**props), None, None, None, props["status"], notice,
                        None, None, None, None, None, "")
                 continue
             run = self.store.get(run_id)[0]
@@ -351,7 +350,7 @@ class App:
                 raise UserError(user_message(error) or str(error)) from None
         for props, run_id in self._stream(jobs, request):
             if run_id is None:
-                yield gr.update(**props), None, gr.skip(), props["status"], None  # plain values (see generate)
+                yield gr.update(**props), None, None, props["status"], None  # plain values (see generate)
                 continue
             yield gr.update(**props), views.grid_frame(self.store.get(run_id), 1.0), run_id, props["status"], None
 
