@@ -184,7 +184,7 @@ def test_streamed_updates_make_gradio_rebuild_only_the_player(tiny_model, tmp_pa
     way; every other output gets a plain value, and the run id is empty until the run is done."""
     from gradio.utils import is_prop_update
 
-    from visualizer.ui_handlers import App, AppConfig
+    from visualizer.ui_handlers import App, AppConfig, UserError
 
     app = App(AppConfig(output_dir=tmp_path, default_model=tiny_model, example_dir=None))
     runs = {"generate": app.generate("a red circle", "", 1, 6, 7.5, "Euler", 0, 0, tiny_model),
@@ -195,6 +195,8 @@ def test_streamed_updates_make_gradio_rebuild_only_the_player(tiny_model, tmp_pa
         for outputs in streamed:
             assert [k for k, value in enumerate(outputs) if is_prop_update(value)] == [0], name
             assert outputs[2] is None  # no run to download or break down while this one computes
+        with pytest.raises(UserError, match="No finished run yet"):  # a download pressed meanwhile
+            app.download(streamed[-1][2], "gif", X_T)
         assert last[2] and not is_prop_update(last[2])  # the finished run's id
 
 

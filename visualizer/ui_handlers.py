@@ -319,7 +319,8 @@ class App:
     def noise_image(self, run_id, image):
         """Forward-noise an uploaded image (or the run's final image) at the run's noise levels; a player view."""
         if not run_id:
-            raise UserError("Generate a run first: its noise levels are the ones used.")
+            raise UserError("No finished run yet, and its noise levels are the ones used: press Generate, or wait "
+                            "for the run in progress to finish.")
         run = self._runs(run_id)[0]
         try:
             forward = self.config.engine.forward_noising(run, image)
@@ -382,7 +383,7 @@ class App:
 
     def _runs(self, run_id):
         if not run_id:
-            raise UserError("Generate a run first.")
+            raise UserError("No finished run yet: press Generate, or wait for the run in progress to finish.")
         try:
             return self.store.get(run_id, redecode=self.config.engine.redecode)
         except VisualizerError as error:
