@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from visualizer.models import ALIASES, ModelLoadError, load_pipeline, resolve
+from visualizer.models import ALIASES, ModelLoadError, family_of_reference, load_pipeline, resolve
 from visualizer.samplers import SAMPLERS, UnknownSamplerError, check_sampler, make_scheduler
 
 NAMES_USERS_KNOW = ["DDIM", "DDPM", "PNDM", "LMS", "Euler", "Euler a", "Heun", "DPM2", "DPM2 a", "DPM++ 2M",
@@ -34,6 +34,7 @@ def test_each_run_gets_a_fresh_scheduler(tiny_pipe):
 def test_aliases_resolve_to_hub_ids():
     assert resolve("sd15").source == ALIASES["sd15"] == "stable-diffusion-v1-5/stable-diffusion-v1-5"
     assert resolve("sd21").source == "stabilityai/stable-diffusion-2-1-base"
+    assert {family_of_reference(a).key for a in ("sd15", "sd21", "sd-turbo")} == {"sd"}  # no loading, no network
     assert not resolve("sd-turbo").is_local
 
 

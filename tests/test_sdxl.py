@@ -10,7 +10,7 @@ from visualizer import api
 from visualizer.decode import SDXL_LATENT_RGB, SDXL_LATENT_RGB_BIAS, vae_decode
 from visualizer.denoise import generate, generate_many
 from visualizer.insight import pipeline_stages
-from visualizer.models import ALIASES, ModelLoadError, load_pipeline, resolve
+from visualizer.models import ALIASES, ModelLoadError, family_of_reference, load_pipeline, resolve
 from visualizer.run import Run, RunInfo, Settings
 from visualizer.samplers import SAMPLERS
 
@@ -140,6 +140,7 @@ def test_taesdxl_is_looked_up_separately(sdxl, tmp_path, monkeypatch):
 def test_sdxl_aliases_and_folders_resolve(sdxl, tmp_path):
     assert resolve("sdxl").source == ALIASES["sdxl"] == "stabilityai/stable-diffusion-xl-base-1.0"
     assert resolve("sdxl-turbo").source == "stabilityai/sdxl-turbo" and not resolve("sdxl-turbo").is_local
+    assert family_of_reference("sdxl").key == family_of_reference("sdxl-turbo").key == "sdxl"  # no loading, no network
     folder, pipe = sdxl
     assert resolve(folder).is_local and load_pipeline(folder) is pipe
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLImg2ImgPipeline"}))

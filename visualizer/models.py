@@ -29,15 +29,17 @@ from .families import BY_KEY, BY_PIPELINE, StableDiffusion
 
 EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo-model"
 EMBEDDED = "embedded"
-ALIASES = {
-    "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
-    "sd21": "stabilityai/stable-diffusion-2-1-base",
-    "sd-turbo": "stabilityai/sd-turbo",
-    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
-    "sdxl-turbo": "stabilityai/sdxl-turbo",
-    "sd3.5-medium": "stabilityai/stable-diffusion-3.5-medium",
-    "flux-schnell": "black-forest-labs/FLUX.1-schnell",
+# short names a person may give instead of a hub id: name -> (hub id, its family's key in families.BY_KEY)
+ALIAS_TABLE = {
+    "sd15": ("stable-diffusion-v1-5/stable-diffusion-v1-5", "sd"),
+    "sd21": ("stabilityai/stable-diffusion-2-1-base", "sd"),
+    "sd-turbo": ("stabilityai/sd-turbo", "sd"),
+    "sdxl": ("stabilityai/stable-diffusion-xl-base-1.0", "sdxl"),
+    "sdxl-turbo": ("stabilityai/sdxl-turbo", "sdxl"),
+    "sd3.5-medium": ("stabilityai/stable-diffusion-3.5-medium", "sd3"),
+    "flux-schnell": ("black-forest-labs/FLUX.1-schnell", "flux"),
 }
+ALIASES = {name: hub_id for name, (hub_id, _) in ALIAS_TABLE.items()}  # name -> hub id
 # model_index.json's pipeline class -> the family a person knows; those in families.BY_PIPELINE load
 FAMILIES = {
     **{pipeline: family.name for pipeline, family in BY_PIPELINE.items()},
@@ -263,10 +265,6 @@ class _PipelineCache:
             return pipe
 
 
-ALIAS_FAMILIES = {"sd3.5-medium": "sd3", "sdxl": "sdxl", "sdxl-turbo": "sdxl",
-                  "flux-schnell": "flux"}  # aliases not of SD 1.x / 2.x
-
-
 def family_of_reference(reference: str | None) -> StableDiffusion:
     """The family adapter of a model reference, read without loading it or touching the network: an alias's
     known family, a local folder's model_index.json, a hub id's cached one; SD 1.x / 2.x when it cannot be
@@ -275,8 +273,8 @@ def family_of_reference(reference: str | None) -> StableDiffusion:
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     ref = resolve(reference)
-    if ref.name in ALIAS_FAMILIES:
-        return BY_KEY[ALIAS_FAMILIES[ref.name]]
+    if ref.name in ALIAS_TABLE:
+        return BY_KEY[ALIAS_TABLE[ref.name][1]]
     if ref.single_file:
         return checkpoint_family(ref)[0]
     if ref.is_local:
