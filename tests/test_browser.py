@@ -81,12 +81,23 @@ class Player:
             f"document.querySelector('{self.root} .vp-status')?.innerText.includes({words!r})", timeout=timeout)
 
 
+def set_slider(page, elem_id, value) -> None:
+    """Type `value` into a gr.Slider's number box and press Enter, as a person does, until the slider shows it: a
+    slider whose tab or accordion has just opened can drop a value typed at that moment (seen in CI)."""
+    box, bar = page.locator(f"#{elem_id} input[type=number]"), page.locator(f"#{elem_id} input[type=range]")
+    for _ in range(20):
+        box.fill(str(value))
+        box.press("Enter")
+        page.wait_for_timeout(100)
+        if float(bar.input_value()) == float(value):
+            return
+    raise AssertionError(f"the {elem_id} slider did not take {value}: it shows {bar.input_value()}")
+
+
 def generate(page, prompt="a red circle on the left", steps=None):
     page.locator("#prompt textarea").fill(prompt)
     if steps is not None:
-        box = page.locator("#steps input[type=number]")
-        box.fill(str(steps))
-        box.press("Enter")
+        set_slider(page, "steps", steps)
     page.locator("#generate").click()
 
 
@@ -297,14 +308,11 @@ def test_the_true_cfg_slider_reaches_the_run_and_a_wrong_use_is_explained(server
     player = Player(page)
     before = player.srcs()
     page.get_by_text("Negative prompt, size and model").first.click()
-    box = page.locator("#true-cfg input[type=number]")
-    box.fill("3")
-    box.press("Enter")
+    set_slider(page, "true-cfg", 3)
     page.locator("#generate").click()
     page.get_by_text("True CFG is for Flux models").first.wait_for(timeout=30000)
     assert player.srcs() == before
-    box.fill("1")
-    box.press("Enter")
+    set_slider(page, "true-cfg", 1)
     generate(page, steps=4)
     player.wait_status("Done: 4 steps")
     page.close()
@@ -319,9 +327,7 @@ def compare(browser, server, prompt, steps=None, word_maps=False):
     if word_maps:
         page.locator("#c-attention input[type=checkbox]").check()
     if steps is not None:
-        box = page.locator("#c-steps input[type=number]")
-        box.fill(str(steps))
-        box.press("Enter")
+        set_slider(page, "c-steps", steps)
     page.locator("#compare").click()
     grid.wait_status("Done: 4 samplers")
     return page, grid
@@ -367,9 +373,7 @@ def test_img2img_from_an_upload(server, browser, tmp_path):
     page.get_by_text("Start from an image (img2img)").click()
     page.locator("#init-image input[type=file]").set_input_files(str(tmp_path / "init.png"))
     page.locator("#init-image img").first.wait_for()
-    box = page.locator("#strength input[type=number]")
-    box.fill("0.4")
-    box.press("Enter")
+    set_slider(page, "strength", 0.4)
     generate(page)
     player.wait_status("Done")
     assert "10 steps from the init image (strength 0.4: steps 16–25 of the schedule)" in player.status()
@@ -475,10 +479,7 @@ def test_image_space_map_follows_the_slider_and_maps_several_seeds(server, brows
     player.move(2)
     assert "-map-" in end and "-map-" in player.srcs()[0] and player.srcs()[0] != end
     page.get_by_role("tab", name="Image space").click()
-    box = page.locator("#map-seeds input[type=number]")
-    box.fill("3")
-    box.press("Enter")
-    page.wait_for_function("document.querySelector('#map-seeds input[type=range]').value === '3'")  # committed
+    set_slider(page, "map-seeds", 3)
     page.locator("#map-button").click()
     page.wait_for_function("document.querySelector('#map-summary')?.innerText.includes('Seeds 0–')", timeout=60000)
     assert "Seeds 0–2" in page.locator("#map-summary").inner_text()
