@@ -20,7 +20,7 @@ def is_loopback(host: str) -> bool:
 def main(argv=None) -> None:
     from visualizer.cli import add_load_options, load_options
     from visualizer.errors import ModelLoadError
-    from visualizer.models import LoadOptions, configure
+    from visualizer.engine.models import LoadOptions, configure
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="embedded",
@@ -64,9 +64,9 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "httpcore", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from visualizer.ui import CSS, AppConfig, build
+    from visualizer.app.layout import CSS, AppConfig, build
     from visualizer.api import warm_up
-    from visualizer.decode import use_cores
+    from visualizer.engine.decode import use_cores
 
     public = args.share or not is_loopback(args.host)
     output_dir = args.output_dir.resolve()

@@ -6,7 +6,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
-from visualizer.demo_model.architecture import tiny_pipeline  # noqa: E402
+from visualizer.demo_model.architecture import tiny_pipeline
 
 
 @pytest.fixture(scope="session")
@@ -17,7 +17,7 @@ def tiny_model(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_pipe(tiny_model):
-    from visualizer.models import load_pipeline
+    from visualizer.engine.models import load_pipeline
 
     return load_pipeline(tiny_model)
 
@@ -25,7 +25,7 @@ def tiny_pipe(tiny_model):
 @pytest.fixture
 def load_options():
     """Set this process's LoadOptions (models.configure) for one test; the previous ones come back after it."""
-    from visualizer.models import LoadOptions, configure
+    from visualizer.engine.models import LoadOptions, configure
 
     previous = configure(LoadOptions())
     yield configure
@@ -36,7 +36,7 @@ def tiny_family_model(tmp_path_factory, builder: str, **kw) -> tuple[str, object
     """(folder, pipeline) of a tiny random model made by `demo_model.architecture.<builder>` (e.g.
     "tiny_sd3_pipeline"), saved with save_pretrained and loaded like a real one."""
     from visualizer.demo_model import architecture
-    from visualizer.models import load_pipeline
+    from visualizer.engine.models import load_pipeline
 
     folder = str(getattr(architecture, builder)(tmp_path_factory.mktemp(builder), **kw))
     return folder, load_pipeline(folder)
@@ -48,7 +48,7 @@ def check_latent_colour_preview(pipe, factors, bias) -> None:
     import numpy as np
     import torch
 
-    from visualizer.decode import CheapPreview, latent_rgb_factors
+    from visualizer.engine.decode import CheapPreview, latent_rgb_factors
 
     got_factors, got_bias = latent_rgb_factors(pipe)
     assert torch.equal(got_factors, torch.tensor(factors)) and torch.equal(got_bias, torch.tensor(bias))
@@ -62,7 +62,7 @@ def check_taesd_lookup(family: str, variable: str, folder, monkeypatch, latent_c
     import torch
     from diffusers import AutoencoderTiny
 
-    from visualizer.decode import load_taesd
+    from visualizer.engine.decode import load_taesd
 
     AutoencoderTiny(latent_channels=latent_channels, encoder_block_out_channels=(8, 8, 8, 8),
                     decoder_block_out_channels=(8, 8, 8, 8)).save_pretrained(folder)

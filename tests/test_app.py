@@ -82,7 +82,7 @@ def test_generate_returns_one_frame_per_step(client, tiny_model):
         assert label.startswith(f"Step {step} of 6")
         seen.add(Image.open(frame).tobytes())
     assert len(seen) == 6  # every step has its own frame
-    from visualizer.export import upscale
+    from visualizer.media.export import upscale
 
     final = Image.open(image)
     assert final.size == (32, 32)  # the final image at the model's own size

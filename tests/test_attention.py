@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from visualizer import api
-from visualizer.attention import centroid
-from visualizer.run import Run, Settings
+from visualizer.engine.attention import centroid
+from visualizer.engine.run import Run, Settings
 
 
 def shape_word_centroid(prompt: str, word: str = "circle") -> tuple[float, float]:
@@ -71,7 +71,7 @@ def test_cli_writes_attention_npy_when_asked(tiny_model, tmp_path, flag):
 
 
 def test_shares_are_a_distribution_over_the_words_at_every_step(tiny_model):
-    from visualizer.attention import shares
+    from visualizer.analysis.word_maps import shares
 
     run = api.run(Settings(prompt="a red circle", model=tiny_model, num_inference_steps=4, attention=True))
     rows = shares(run)

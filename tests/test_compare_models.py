@@ -7,9 +7,9 @@ from PIL import Image
 
 from visualizer import api
 from visualizer.errors import ModelLoadError, SettingsError
-from visualizer.export import export_grid
-from visualizer.run import Settings
-from visualizer.views import grid_frame
+from visualizer.media.export import export_grid
+from visualizer.engine.run import Settings
+from visualizer.media.views import grid_frame
 
 PROMPT = "a red circle on the left"
 
@@ -49,7 +49,7 @@ def test_the_grid_aligns_models_by_progress_and_names_them(runs, sd3_folder, tmp
     sheet = Image.open(written["png"])
     gif = Image.open(written["gif"])
     assert sheet.width == half.shape[1] and gif.n_frames == 6
-    from visualizer.export import comparison_labels
+    from visualizer.engine.labels import comparison_labels
 
     assert comparison_labels([r.settings for r in runs]) == ["embedded · DDIM", "tiny-sd3 · Euler"]
 
@@ -68,7 +68,7 @@ def test_an_unknown_model_is_refused_before_anything_runs():
 
 
 def test_the_app_streams_a_model_comparison_into_one_grid(sd3_folder, tmp_path):
-    from visualizer.ui_handlers import App, AppConfig, UserError
+    from visualizer.app.handlers import App, AppConfig, UserError
 
     app = App(AppConfig(output_dir=tmp_path, example_dir=None))
     updates = list(app.compare(PROMPT, "", 5, 4, 5.0, ["DPM++ 2M"], 0, 0, "embedded", False,

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from visualizer import api
-from visualizer.decode import StreamingDecoder, decode_batch_size, decode_workers, gpu_batch, use_cores, vae_decode
-from visualizer.denoise import generate
-from visualizer.run import Settings
+from visualizer.engine.decode import StreamingDecoder, decode_batch_size, decode_workers, gpu_batch, use_cores, vae_decode
+from visualizer.engine.denoise import generate
+from visualizer.engine.run import Settings
 
 
 def test_cpu_batches_small_frames_and_decodes_large_ones_one_by_one(tiny_pipe):
@@ -130,10 +130,10 @@ def test_a_step_update_previews_the_newest_exact_frame_or_says_it_is_approximate
 WORKERS_SCRIPT = """
 import json, sys, torch
 import numpy as np
-from visualizer.decode import StreamingDecoder, decode_workers, use_cores
-from visualizer.denoise import generate
-from visualizer.models import load_pipeline
-from visualizer.run import Settings
+from visualizer.engine.decode import StreamingDecoder, decode_workers, use_cores
+from visualizer.engine.denoise import generate
+from visualizer.engine.models import load_pipeline
+from visualizer.engine.run import Settings
 
 pipe = load_pipeline(sys.argv[1])
 frames, left = [], []

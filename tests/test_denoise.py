@@ -1,13 +1,14 @@
 """The owned denoising loop against diffusers' own StableDiffusionPipeline."""
 import numpy as np
+import diffusers
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from visualizer.decode import decode_run, vae_decode
-from visualizer.denoise import generate, generate_many
-from visualizer.run import Settings
-from visualizer.samplers import SAMPLERS, TWO_EVALUATION_SAMPLERS, make_scheduler
+from visualizer.engine.decode import decode_run, vae_decode
+from visualizer.engine.denoise import generate, generate_many
+from visualizer.engine.run import Settings
+from visualizer.engine.samplers import SAMPLERS, TWO_EVALUATION_SAMPLERS, make_scheduler
 
 PROMPT = "a red circle on the left"
 
@@ -28,7 +29,8 @@ def swapped(pipe, scheduler, cls=StableDiffusionPipeline):
 
 
 def diffusers_image(pipe, sampler, steps, guidance=7.5, seed=11, negative=None):
-    cls, overrides = SAMPLERS[sampler]
+    class_name, overrides = SAMPLERS[sampler]
+    cls = getattr(diffusers, class_name)
     reference = swapped(pipe, cls.from_config(pipe.scheduler.config, **overrides))
     out = reference(PROMPT, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance,
                     generator=torch.Generator().manual_seed(seed), output_type="np")
@@ -123,7 +125,7 @@ def test_long_prompt_truncation_is_reported(tiny_model, tiny_pipe):
 def v_model(tmp_path_factory):
     """A tiny SD pipeline whose UNet predicts v, as SD 2.x-768 (and the embedded model) do."""
     from visualizer.demo_model.architecture import tiny_pipeline
-    from visualizer.models import load_pipeline
+    from visualizer.engine.models import load_pipeline
 
     folder = str(tiny_pipeline(tmp_path_factory.mktemp("tiny-sd-v"), prediction_type="v_prediction"))
     return folder, load_pipeline(folder)
@@ -176,7 +178,8 @@ def test_every_sampler_follows_the_models_own_config_like_diffusers(tiny_model, 
     from diffusers import DDIMScheduler
 
     pipe = swapped(tiny_pipe, DDIMScheduler.from_config(MINIMAL_CONFIGS[config_name]))  # a model with this config
-    cls, overrides = SAMPLERS[sampler]
+    class_name, overrides = SAMPLERS[sampler]
+    cls = getattr(diffusers, class_name)
     reference = swapped(tiny_pipe, cls.from_config(pipe.scheduler.config, **overrides))
     theirs = reference(PROMPT, num_inference_steps=5, guidance_scale=7.5,
                        generator=torch.Generator().manual_seed(11), output_type="np").images[0]
@@ -188,7 +191,7 @@ def test_every_sampler_follows_the_models_own_config_like_diffusers(tiny_model, 
 def test_config_surprises_are_said_in_plain_words(tiny_model, tiny_pipe):
     from diffusers import DDIMScheduler
 
-    from visualizer.insight import pipeline_stages
+    from visualizer.analysis.stages import pipeline_stages
 
     clipping = swapped(tiny_pipe, DDIMScheduler.from_config(MINIMAL_CONFIGS["euler-without-clip-keys"]))
     run = generate(settings(tiny_model, "DDIM"), clipping)
@@ -205,7 +208,7 @@ def test_lcm_checkpoints_take_guidance_as_an_input_and_show_each_of_their_steps(
     as StableDiffusionPipeline gives it; each of its few steps is a frame."""
     from diffusers import LCMScheduler, UNet2DConditionModel
 
-    from visualizer.models import load_pipeline
+    from visualizer.engine.models import load_pipeline
 
     torch.manual_seed(0)
     lcm = StableDiffusionPipeline(**{**tiny_pipe.components,

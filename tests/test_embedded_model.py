@@ -10,8 +10,8 @@ from PIL import Image
 
 from visualizer import api
 from visualizer.demo_model import scenes
-from visualizer.models import EMBEDDED_MODEL_DIR
-from visualizer.run import DEFAULTS
+from visualizer.engine.models import EMBEDDED_MODEL_DIR
+from visualizer.engine.run import DEFAULTS
 
 
 def test_it_is_a_diffusers_sd_folder_under_25_mb():

@@ -8,13 +8,13 @@ from diffusers import (DEISMultistepScheduler, DPMSolverMultistepScheduler, Flow
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from visualizer import api
-from visualizer.decode import FLUX_LATENT_RGB, FLUX_LATENT_RGB_BIAS, vae_decode
-from visualizer.denoise import generate, generate_many
+from visualizer.engine.decode import FLUX_LATENT_RGB, FLUX_LATENT_RGB_BIAS, vae_decode
+from visualizer.engine.denoise import generate, generate_many
 from visualizer.errors import SettingsError, UnknownSamplerError
-from visualizer.families import family_of
-from visualizer.insight import pipeline_stages
-from visualizer.run import Run, Settings
-from visualizer.samplers import FLUX_SAMPLERS, valid_for
+from visualizer.engine.families import family_of
+from visualizer.analysis.stages import pipeline_stages
+from visualizer.engine.run import Run, Settings
+from visualizer.engine.samplers import FLUX_SAMPLERS, valid_for
 
 from conftest import check_latent_colour_preview, check_taesd_lookup, tiny_family_model
 from test_img2img import init_image
@@ -196,8 +196,8 @@ def test_flux_previews_use_flux_latent_colours_and_taef1(flux, tmp_path, monkeyp
 
 
 def test_the_apps_sampler_menu_for_a_flux_folder(flux, tmp_path):
-    from visualizer.models import family_of_reference
-    from visualizer.ui_handlers import App, AppConfig
+    from visualizer.engine.models import family_of_reference
+    from visualizer.app.handlers import App, AppConfig
 
     folder, _ = flux
     assert family_of_reference(folder).key == "flux"
@@ -209,8 +209,8 @@ def test_the_apps_sampler_menu_for_a_flux_folder(flux, tmp_path):
 
 
 def test_flux_alias_and_the_dtype_auto_picks_per_family():
-    from visualizer.families import BY_KEY
-    from visualizer.models import LoadOptions, family_of_reference, resolve
+    from visualizer.engine.families import BY_KEY
+    from visualizer.engine.models import LoadOptions, family_of_reference, resolve
 
     assert resolve("flux-schnell").source == "black-forest-labs/FLUX.1-schnell"
     assert family_of_reference("flux-schnell").key == "flux"  # without loading it or the network
@@ -222,7 +222,7 @@ def test_flux_alias_and_the_dtype_auto_picks_per_family():
 
 
 def test_the_app_streams_a_flux_run_into_the_player(flux, tmp_path):
-    from visualizer.ui_handlers import App, AppConfig
+    from visualizer.app.handlers import App, AppConfig
 
     folder, _ = flux
     app = App(AppConfig(output_dir=tmp_path, example_dir=None))
@@ -237,7 +237,7 @@ def test_the_app_streams_a_flux_run_into_the_player(flux, tmp_path):
 
 
 def test_the_apps_true_cfg_gives_flux_a_guidance_breakdown(flux, tmp_path):
-    from visualizer.ui_handlers import App, AppConfig
+    from visualizer.app.handlers import App, AppConfig
 
     folder, _ = flux
     app = App(AppConfig(output_dir=tmp_path, example_dir=None))

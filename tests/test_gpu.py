@@ -11,10 +11,10 @@ import torch
 from diffusers import EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, FluxPipeline
 
 from visualizer import api
-from visualizer.decode import module_device, vae_decode
-from visualizer.families import family_of
-from visualizer.models import LoadOptions, load_pipeline
-from visualizer.run import Settings
+from visualizer.engine.decode import module_device, vae_decode
+from visualizer.engine.families import family_of
+from visualizer.engine.models import LoadOptions, load_pipeline
+from visualizer.engine.run import Settings
 
 from conftest import tiny_family_model
 

@@ -6,10 +6,12 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from visualizer import api, image_map, views
-from visualizer.frame_files import RunFiles
-from visualizer.models import resolve
-from visualizer.run import Settings
+from visualizer import api
+from visualizer.analysis import image_map
+from visualizer.media import views
+from visualizer.app.frame_files import RunFiles
+from visualizer.engine.models import resolve
+from visualizer.engine.run import Settings
 
 WHITE_PROMPT = "a small purple circle on the right of a white background"
 

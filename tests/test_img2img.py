@@ -7,10 +7,10 @@ import torch
 from diffusers import StableDiffusionImg2ImgPipeline
 from PIL import Image
 
-from visualizer.decode import vae_decode
-from visualizer.denoise import generate, generate_many
-from visualizer.run import DEFAULTS, Settings
-from visualizer.samplers import make_scheduler
+from visualizer.engine.decode import vae_decode
+from visualizer.engine.denoise import generate, generate_many
+from visualizer.engine.run import DEFAULTS, Settings
+from visualizer.engine.samplers import make_scheduler
 
 from test_denoise import swapped
 

@@ -3,8 +3,9 @@ import numpy as np
 import pytest
 
 from visualizer import api
-from visualizer.insight import (change_heatmap, forward_noising, guidance_breakdown, pipeline_stages, ssim,
-                                structure_step)
+from visualizer.analysis.metrics import change_heatmap, ssim, structure_step
+from visualizer.analysis.noising import forward_noising, guidance_breakdown
+from visualizer.analysis.stages import pipeline_stages
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +60,7 @@ def test_pipeline_stages_state_real_shapes(run):
 def test_forward_noising_goes_from_noise_to_the_image(run, tiny_pipe):
     import torch
 
-    from visualizer.decode import vae_decode
+    from visualizer.engine.decode import vae_decode
 
     frames = forward_noising(run, run.final_image, tiny_pipe.vae)
     assert len(frames) == 8

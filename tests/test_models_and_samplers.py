@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from visualizer.models import ALIASES, ModelLoadError, family_of_reference, load_pipeline, resolve
-from visualizer.samplers import SAMPLERS, UnknownSamplerError, check_sampler, make_scheduler
+from visualizer.engine.models import ALIASES, ModelLoadError, family_of_reference, load_pipeline, resolve
+from visualizer.engine.samplers import SAMPLERS, UnknownSamplerError, check_sampler, make_scheduler
 
 NAMES_USERS_KNOW = ["DDIM", "DDPM", "PNDM", "LMS", "Euler", "Euler a", "Heun", "DPM2", "DPM2 a", "DPM++ 2M",
                     "DPM++ 2M Karras", "DPM++ 2M SDE", "UniPC", "DEIS", "LCM"]
@@ -75,7 +75,7 @@ def test_taesd_loads_from_a_local_folder_and_decodes(tmp_path, monkeypatch, tiny
     import torch
     from diffusers import AutoencoderTiny
 
-    from visualizer.decode import load_taesd, taesd_decode
+    from visualizer.engine.decode import load_taesd, taesd_decode
 
     monkeypatch.setenv("VISUALIZER_TAESD", str(tmp_path / "missing"))
     assert load_taesd(torch.device("cpu")) is None  # absent weights: no preview decoder, no error

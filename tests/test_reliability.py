@@ -16,7 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from test_app import ROOT, X_T, generate, launch, steps_of
-from visualizer.loadtest import run_load_test
+from visualizer.bench.load import run_load_test
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +157,7 @@ def test_nan_model_output_gets_a_clear_message(tiny_model, tmp_path):
 
 
 def test_failed_export_write_is_reported(tiny_model, tmp_path):
-    from visualizer.ui_handlers import App, AppConfig, UserError
+    from visualizer.app.handlers import App, AppConfig, UserError
 
     app = App(AppConfig(output_dir=tmp_path / "out", default_model=tiny_model))
     *_, last = app.generate("a red circle", "", 1, 3, 7.5, "Euler", 0, 0, tiny_model)
@@ -170,7 +170,7 @@ def test_failed_export_write_is_reported(tiny_model, tmp_path):
 
 def test_remote_servers_refuse_arbitrary_model_folders(tiny_model, tmp_path):
     from app import is_loopback
-    from visualizer.ui_handlers import App, AppConfig, UserError
+    from visualizer.app.handlers import App, AppConfig, UserError
 
     assert is_loopback("127.0.0.1") and is_loopback("localhost") and not is_loopback("0.0.0.0")
     app = App(AppConfig(output_dir=tmp_path, default_model=tiny_model, allow_any_model=False))
@@ -184,7 +184,7 @@ def test_streamed_updates_make_gradio_rebuild_only_the_player(tiny_model, tmp_pa
     way; every other output gets a plain value, and the run id is empty until the run is done."""
     from gradio.utils import is_prop_update
 
-    from visualizer.ui_handlers import App, AppConfig, UserError
+    from visualizer.app.handlers import App, AppConfig, UserError
 
     app = App(AppConfig(output_dir=tmp_path, default_model=tiny_model, example_dir=None))
     runs = {"generate": app.generate("a red circle", "", 1, 6, 7.5, "Euler", 0, 0, tiny_model),
@@ -201,7 +201,7 @@ def test_streamed_updates_make_gradio_rebuild_only_the_player(tiny_model, tmp_pa
 
 
 def test_stop_closes_the_generator_within_a_step(tiny_model, tmp_path):
-    from visualizer.ui_handlers import App, AppConfig
+    from visualizer.app.handlers import App, AppConfig
 
     app = App(AppConfig(output_dir=tmp_path, default_model=tiny_model))
     stream = app.generate("a red circle", "", 1, 500, 7.5, "Euler", 0, 0, tiny_model)
@@ -212,7 +212,7 @@ def test_stop_closes_the_generator_within_a_step(tiny_model, tmp_path):
 
 
 def test_two_hundred_runs_keep_memory_and_files_bounded(tiny_model, tmp_path):
-    from visualizer.ui_handlers import App, AppConfig
+    from visualizer.app.handlers import App, AppConfig
 
     app = App(AppConfig(output_dir=tmp_path / "out", default_model=tiny_model, run_capacity=8, example_dir=None))
     process = psutil.Process()
@@ -244,7 +244,7 @@ def test_stop_keeps_the_steps_computed_so_far(server, tiny_model):
     assert status.startswith("Stopped early") and 1 <= computed < 250
     assert "x0-hat of step" in status and "best guess" in status  # the result stays, and says what it is
     x0, _ = client.predict(computed, "x0", api_name="/frame")
-    from visualizer.export import upscale
+    from visualizer.media.export import upscale
 
     final_frame = upscale(np.asarray(Image.open(final).convert("RGB")))
     assert final_frame.tobytes() == Image.open(x0).convert("RGB").tobytes()  # a stopped run shows its latest x0-hat

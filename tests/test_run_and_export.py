@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 from visualizer import api
-from visualizer.export import aligned_indices, export_grid, export_run
-from visualizer.run import Run, Settings
+from visualizer.media.export import aligned_indices, export_grid, export_run
+from visualizer.engine.run import Run, Settings
 
 
 @pytest.fixture(scope="module")

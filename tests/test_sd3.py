@@ -10,14 +10,14 @@ from diffusers import (DEISMultistepScheduler, DPMSolverMultistepScheduler, Flow
                        FlowMatchHeunDiscreteScheduler, StableDiffusion3Pipeline, UniPCMultistepScheduler)
 
 from visualizer import api
-from visualizer.decode import SD3_LATENT_RGB, SD3_LATENT_RGB_BIAS, vae_decode
-from visualizer.denoise import generate, generate_many, predictions
+from visualizer.engine.decode import SD3_LATENT_RGB, SD3_LATENT_RGB_BIAS, vae_decode
+from visualizer.engine.denoise import generate, generate_many, predictions
 from visualizer.errors import SettingsError, UnknownSamplerError
-from visualizer.families import family_of
-from visualizer.insight import pipeline_stages, step_numbers
-from visualizer.models import ALIASES, ModelLoadError, load_pipeline, resolve
-from visualizer.run import Run, Settings
-from visualizer.samplers import FLOW_SAMPLERS, make_scheduler, valid_for
+from visualizer.engine.families import family_of
+from visualizer.analysis.stages import pipeline_stages, step_numbers
+from visualizer.engine.models import ALIASES, ModelLoadError, load_pipeline, resolve
+from visualizer.engine.run import Run, Settings
+from visualizer.engine.samplers import FLOW_SAMPLERS, make_scheduler, valid_for
 
 from conftest import check_latent_colour_preview, check_taesd_lookup, tiny_family_model
 from test_img2img import init_image
@@ -205,9 +205,9 @@ def test_sd3_previews_use_sd3_latent_colours_and_taesd3(sd3, tmp_path, monkeypat
 
 
 def test_the_apps_sampler_menus_offer_only_the_samplers_that_fit_the_model(sd3, tmp_path):
-    from visualizer.models import family_of_reference
-    from visualizer.samplers import valid_for
-    from visualizer.ui_handlers import App, AppConfig
+    from visualizer.engine.models import family_of_reference
+    from visualizer.engine.samplers import valid_for
+    from visualizer.app.handlers import App, AppConfig
 
     folder, _ = sd3
     assert family_of_reference(folder).key == "sd3" and family_of_reference("sd3.5-medium").key == "sd3"

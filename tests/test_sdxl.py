@@ -2,17 +2,18 @@
 import json
 
 import numpy as np
+import diffusers
 import pytest
 import torch
 from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
 from visualizer import api
-from visualizer.decode import SDXL_LATENT_RGB, SDXL_LATENT_RGB_BIAS, vae_decode
-from visualizer.denoise import generate, generate_many
-from visualizer.insight import pipeline_stages
-from visualizer.models import ALIASES, ModelLoadError, family_of_reference, load_pipeline, resolve
-from visualizer.run import Run, RunInfo, Settings
-from visualizer.samplers import SAMPLERS
+from visualizer.engine.decode import SDXL_LATENT_RGB, SDXL_LATENT_RGB_BIAS, vae_decode
+from visualizer.engine.denoise import generate, generate_many
+from visualizer.analysis.stages import pipeline_stages
+from visualizer.engine.models import ALIASES, ModelLoadError, family_of_reference, load_pipeline, resolve
+from visualizer.engine.run import Run, RunInfo, Settings
+from visualizer.engine.samplers import SAMPLERS
 
 from conftest import check_latent_colour_preview, tiny_family_model
 from test_img2img import init_image
@@ -37,7 +38,8 @@ def reference(pipe, sampler, cls=StableDiffusionXLPipeline, force_zeros=None):
     """diffusers' own pipeline on `pipe`'s modules, its scheduler swapped the documented way."""
     force_zeros = pipe.config.force_zeros_for_empty_prompt if force_zeros is None else force_zeros
     out = cls(**pipe.components, force_zeros_for_empty_prompt=force_zeros, add_watermarker=False)
-    scheduler_cls, overrides = SAMPLERS[sampler]
+    class_name, overrides = SAMPLERS[sampler]
+    scheduler_cls = getattr(diffusers, class_name)
     out.scheduler = scheduler_cls.from_config(pipe.scheduler.config, **overrides)
     out.set_progress_bar_config(disable=True)
     return out
@@ -128,7 +130,7 @@ def test_sdxl_previews_use_sdxl_latent_colours(sdxl):
 def test_taesdxl_is_looked_up_separately(sdxl, tmp_path, monkeypatch):
     from diffusers import AutoencoderTiny
 
-    from visualizer.decode import load_taesd
+    from visualizer.engine.decode import load_taesd
 
     AutoencoderTiny(encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8)
                     ).save_pretrained(tmp_path / "taesdxl")

@@ -10,10 +10,11 @@ import torch
 from PIL import Image
 from ray import serve as ray_serve
 
-from visualizer import api, serve
+from visualizer import api
+from visualizer import serve
 from visualizer.api import DecodeUpdate, StepUpdate
 from visualizer.errors import ReplicaLost, SettingsError
-from visualizer.run import Settings
+from visualizer.engine.run import Settings
 
 THREADS = 1  # torch threads of each replica, and of the runs here they are compared with
 SETTINGS = Settings(prompt="a large red circle in the centre", sampler="Euler a", num_inference_steps=8, seed=5)
@@ -90,7 +91,7 @@ def test_a_comparison_on_a_replica_matches_and_errors_keep_their_message(replica
 
 
 def test_the_apps_handlers_run_on_the_replicas(replicas, tmp_path):
-    from visualizer.ui_handlers import App, AppConfig
+    from visualizer.app.handlers import App, AppConfig
 
     app = App(AppConfig(output_dir=tmp_path, example_dir=None, engine=replicas, concurrent_runs=2))
     *_, last = app.generate(SETTINGS.prompt, "", SETTINGS.seed, 8, SETTINGS.guidance_scale, SETTINGS.sampler, 0, 0,
@@ -119,7 +120,7 @@ def test_stop_reaches_the_replica_within_a_step(replicas):
 
 
 def test_a_killed_replica_fails_only_its_own_run_and_the_next_run_works(replicas, tmp_path):
-    from visualizer.ui_handlers import App, AppConfig, UserError
+    from visualizer.app.handlers import App, AppConfig, UserError
 
     app = App(AppConfig(output_dir=tmp_path, example_dir=None, engine=replicas, concurrent_runs=2))
     *_, last = app.generate("a red circle", "", 1, 4, 5.0, "Euler", 0, 0, "embedded")

@@ -19,11 +19,10 @@ from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
 from safetensors.torch import load_file, save_file
 
 from visualizer import api
-from visualizer.families import BY_KEY
-from visualizer.denoise import generate
-from visualizer.models import (LoadOptions, ModelLoadError, checkpoint_family, configure, family_of_reference,
-                               load_pipeline, resolve)
-from visualizer.run import Settings
+from visualizer.engine.families import BY_KEY
+from visualizer.engine.denoise import generate
+from visualizer.engine.models import LoadOptions, ModelLoadError, checkpoint_family, configure, family_of_reference, load_pipeline, resolve
+from visualizer.engine.run import Settings
 
 RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
           "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}  # diffusers -> LDM, in a UNet's resnets
@@ -345,7 +344,7 @@ def test_paths_that_are_not_checkpoint_files(tmp_path, name, words):
 def test_bf16_on_cpu_runs_the_loop_and_offload_says_it_does_nothing(tiny_model, load_options, caplog):
     fp32 = api.run(Settings(prompt="a red circle", model=tiny_model, num_inference_steps=4), frames=("x0",))
     load_options(LoadOptions(dtype="bf16", offload=True))
-    with caplog.at_level(logging.WARNING, logger="visualizer.models"):
+    with caplog.at_level(logging.WARNING, logger="visualizer.engine.models"):
         pipe = load_pipeline(tiny_model, torch.device("cpu"))
     assert [r.getMessage() for r in caplog.records] == [
         f"Offload has no effect on cpu (it moves parts between CPU and GPU memory): {tiny_model} loads as usual."]

@@ -2,8 +2,8 @@
 import pytest
 
 from visualizer import api
-from visualizer.decode import decode_run
-from visualizer.store import RunExpired, RunStore
+from visualizer.engine.decode import decode_run
+from visualizer.app.store import RunExpired, RunStore
 
 
 def test_frames_over_budget_are_dropped_and_redecoded_identically(tiny_model, tiny_pipe, tmp_path):

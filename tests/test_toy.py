@@ -9,9 +9,10 @@ import pytest
 import torch
 from PIL import Image, ImageSequence
 
-from visualizer import toy, toy_render
+from visualizer.toy import model as toy
+from visualizer.toy import render as toy_render
 from visualizer.errors import SettingsError
-from visualizer.samplers import make_scheduler
+from visualizer.engine.samplers import make_scheduler
 
 
 def distance_ratio(run) -> float:
@@ -120,7 +121,7 @@ def test_cli_writes_points_pattern_run_json_and_films(tmp_path):
 
 
 def test_the_training_command_learns_a_pattern_from_scratch(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "visualizer.toy_train", "--out", str(tmp_path), "--patterns", "ring",
+    done = subprocess.run([sys.executable, "-m", "visualizer.toy.train", "--out", str(tmp_path), "--patterns", "ring",
                            "--iterations", "400"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     run = toy.sample([toy.ToySettings(pattern="ring", points=512)], folder=tmp_path)[0]

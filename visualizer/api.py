@@ -19,13 +19,14 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from . import insight
-from .decode import EXACT, CheapPreview, Preview, StreamingDecoder, decode_run
-from .denoise import StepCallback, StepEvent, denoise_steps
+from .analysis import metrics
+from .analysis import noising
+from .engine.decode import EXACT, CheapPreview, Preview, StreamingDecoder, decode_run
+from .engine.denoise import StepCallback, StepEvent, denoise_steps
 from .errors import SettingsError
-from .models import EMBEDDED, family_of_reference, load_pipeline
-from .run import FRAME_KINDS, Run, Settings
-from .samplers import fitting
+from .engine.models import EMBEDDED, family_of_reference, load_pipeline
+from .engine.run import FRAME_KINDS, Run, Settings
+from .engine.samplers import fitting
 
 
 # All torch work runs on this one thread (the model's, and the 2D playground's), but for the frames decoded after a
@@ -155,7 +156,7 @@ def _stream(settings, samplers, should_stop, frames):
                 yield DecodeUpdate(runs, snapshot(decoder.frames), remaining)
         decoder.finish(runs)
         for r in runs:
-            insight.attach_metrics(r)
+            metrics.attach_metrics(r)
     yield runs if samplers is not None else runs[0]
 
 
@@ -228,13 +229,13 @@ def forward_noising(run: Run, image: np.ndarray | None = None) -> list[np.ndarra
     source = image if image is not None else run.final_image
     if source is None:
         raise SettingsError("This run was stopped before its final image: give an image to noise.")
-    run.frames["forward"] = on_engine(lambda: insight.forward_noising(run, source, load_pipeline(run.settings.model).vae))
+    run.frames["forward"] = on_engine(lambda: noising.forward_noising(run, source, load_pipeline(run.settings.model).vae))
     return run.frames["forward"]
 
 
 def guidance_breakdown(run: Run, index: int) -> dict[str, np.ndarray] | None:
     """What step `index` (0-based) predicts without the prompt, with it, and what guidance adds (insight)."""
-    return on_engine(lambda: insight.guidance_breakdown(run, index, load_pipeline(run.settings.model).vae))
+    return on_engine(lambda: noising.guidance_breakdown(run, index, load_pipeline(run.settings.model).vae))
 
 
 def warm_up(model: str) -> None:

@@ -10,8 +10,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .errors import SettingsError, VisualizerError, user_message
-from .models import DTYPE_CHOICES, LoadOptions, configure
-from .run import Settings
+from .engine.models import DTYPE_CHOICES, LoadOptions, configure
+from .engine.run import Settings
 
 FORMATS = ("gif", "mp4", "webp", "zip", "sheet")
 
@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _number(text, kind, label):
+def _parse_number(text, kind, label):
     try:
         return kind(text)
     except ValueError:
@@ -142,7 +142,7 @@ def settings_from_args(args) -> Settings:
     for name, (flag, kind) in FLAGS.items():
         text = getattr(args, flag, None)
         if text is not None:
-            given[name] = text if kind is str else _number(text, kind, "--" + flag.replace("_", "-"))
+            given[name] = text if kind is str else _parse_number(text, kind, "--" + flag.replace("_", "-"))
     if args.init_image is not None:
         from PIL import Image, UnidentifiedImageError
 
@@ -178,7 +178,7 @@ def slug(name: str) -> str:
 
 def cmd_run(args) -> None:
     from . import api
-    from .export import export_run
+    from .media.export import export_run
 
     configure(load_options(args))
     settings = settings_from_args(args)
@@ -192,7 +192,7 @@ def cmd_run(args) -> None:
     write_plots([result], args.out, schedule=True)
     written = export_run(result, args.out, [f for f in FORMATS if getattr(args, f)], view=args.view, fps=args.fps)
     if args.attention_token:
-        from .attention import export_token
+        from .media.word_maps import export_token
 
         written.update({f"attention {k}": v for k, v in export_token(result, args.out, args.attention_token,
                                                                      fps=args.fps).items()})
@@ -210,7 +210,8 @@ def write_map(run, seeds: int, path: Path) -> Path:
 
     from PIL import Image
 
-    from . import api, image_map
+    from . import api
+    from .analysis import image_map
 
     if not 1 <= seeds <= 64:
         raise SettingsError(f"--map-seeds must be from 1 to 64, got {seeds}.")
@@ -226,7 +227,7 @@ def write_plots(runs: list, folder: Path, schedule: bool = False) -> None:
     """convergence.png (one curve per run) in `folder`; with `schedule`, schedule.png of the first run."""
     from PIL import Image
 
-    from .insight import convergence_plot, figure_png, schedule_plot
+    from .analysis.plots import convergence_plot, figure_png, schedule_plot
 
     Image.fromarray(figure_png(convergence_plot(runs))).save(folder / "convergence.png")
     if schedule:
@@ -235,7 +236,8 @@ def write_plots(runs: list, folder: Path, schedule: bool = False) -> None:
 
 def cmd_compare(args) -> None:
     from . import api
-    from .export import comparison_labels, export_grid
+    from .engine.labels import comparison_labels
+    from .media.export import export_grid
 
     samplers = [s.strip() for s in (args.samplers or "").split(",") if s.strip()]
     models = [m.strip() for m in (args.models or "").split(",") if m.strip()]
@@ -256,7 +258,7 @@ def cmd_compare(args) -> None:
     for r, folder in zip(runs, folders):
         r.save(folder)
         if args.attention_token:
-            from .attention import export_token
+            from .media.word_maps import export_token
 
             export_token(r, folder, args.attention_token, fps=args.fps)
     what = f"{len(runs)} {'models' if models else 'samplers'}"
@@ -273,9 +275,10 @@ TOY_FLAGS = {"pattern": ("pattern", str), "num_inference_steps": ("steps", int),
 
 
 def cmd_toy(args) -> None:
-    from . import toy, toy_render
+    from .toy import model as toy
+    from .toy import render as toy_render
 
-    given = {name: text if kind is str else _number(text, kind, "--" + flag) for name, (flag, kind) in TOY_FLAGS.items()
+    given = {name: text if kind is str else _parse_number(text, kind, "--" + flag) for name, (flag, kind) in TOY_FLAGS.items()
              if (text := getattr(args, flag)) is not None}
     samplers = [s.strip() for s in (args.sampler or toy.TOY_DEFAULTS["sampler"]).split(",") if s.strip()]
     runs = toy.sample([toy.ToySettings(sampler=s, **given) for s in samplers])
@@ -289,19 +292,19 @@ def cmd_toy(args) -> None:
 
 
 def cmd_samplers(args) -> None:
-    from .samplers import KINDS, REGISTRIES, TWO_EVALUATION_SAMPLERS
+    from .engine.samplers import KINDS, REGISTRIES, TWO_EVALUATION_SAMPLERS
 
     for kind, registry in REGISTRIES.items():
         print(f"for {KINDS[kind]}:")
-        for name, (cls, overrides) in registry.items():
+        for name, (class_name, overrides) in registry.items():
             extra = ", two model evaluations per step" if name in TWO_EVALUATION_SAMPLERS else ""
             settings = " flow sigmas, flow_prediction" if callable(overrides) else f" {overrides}" if overrides else ""
-            print(f"  {name:16s} {cls.__name__}{settings}{extra}")
+            print(f"  {name:16s} {class_name}{settings}{extra}")
 
 
 def cmd_export(args) -> None:
-    from .export import export_run
-    from .run import Run
+    from .media.export import export_run
+    from .engine.run import Run
 
     run = Run.load(args.rundir)
     formats = [f for f in FORMATS if getattr(args, f)] or ["gif"]
@@ -315,18 +318,18 @@ def cmd_bench(args) -> None:
         if options != LoadOptions():
             raise SettingsError("--dtype, --offload and --model-config do not reach Ray Serve replicas yet: drop them "
                                 "with --replicas.")
-        from .bench_serve import main as bench_serve
+        from .bench.serve import main as bench_serve
 
-        bench_serve([_number(n, int, "--replicas") for n in args.replicas.split(",")], args.replica_threads,
+        bench_serve([_parse_number(n, int, "--replicas") for n in args.replicas.split(",")], args.replica_threads,
                     repeats=args.repeats)
         return
     configure(options)
     if args.families:
-        from .bench_families import format_rows, main as bench_families
+        from .bench.families import format_rows, main as bench_families
 
         print(format_rows(bench_families(repeats=max(args.repeats, 5))))
         return
-    from .bench import main as bench_main
+    from .bench.engine import main as bench_main
 
     bench_main(quick=args.quick, repeats=args.repeats, out=args.out, sd15_size=args.sd15_size,
                sd15_steps=args.sd15_steps, app=args.app)

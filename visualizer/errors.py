@@ -5,7 +5,6 @@ The CLI prints `user_message(error)` as one line; the UI shows it as a toast. An
 """
 from __future__ import annotations
 
-
 class VisualizerError(Exception):
     """A problem with what was asked (settings, model reference, input file) or what the model did;
     its message says what to do."""

@@ -27,10 +27,10 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from . import api
 from .api import DecodeUpdate, StepUpdate
-from .decode import Preview, latent_preview, latent_rgb_factors
+from .engine.decode import Preview, latent_preview, latent_rgb_factors
 from .errors import ReplicaLost
-from .models import EMBEDDED, load_pipeline
-from .run import FRAME_KINDS, Run, Settings
+from .engine.models import EMBEDDED, load_pipeline
+from .engine.run import FRAME_KINDS, Run, Settings
 
 APP_NAME = "visualizer"  # the Serve application (and Ray namespace) of the replicas
 STOP_POLL = 0.02  # seconds between the front's checks of a run's should_stop

@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 from collections import Counter
 
-from ..decode import vae_decode
-from ..denoise import generate
-from ..run import DEFAULTS, Settings
+from ..engine.decode import vae_decode
+from ..engine.denoise import generate
+from ..engine.run import DEFAULTS, Settings
 from . import scenes
 from PIL import Image
 
@@ -50,7 +50,7 @@ def adherence(pipe, seeds=(0, 1, 2), samplers=("Euler", "DDIM", "DPM++ 2M"), gui
 
 
 def main(argv: list[str] | None = None) -> None:
-    from ..models import load_pipeline
+    from ..engine.models import load_pipeline
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="embedded")

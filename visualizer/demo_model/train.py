@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from tqdm import tqdm
 
-from . import architecture, scenes
+from . import architecture
+from . import scenes
 
 
 PREDICTION_TYPE = "v_prediction"  # what the UNet outputs, as SD 2.x-768's does; see loss_weights
@@ -203,7 +204,7 @@ def train_unet(cfg, tokenizer, encoder, vae, unet, items, latents, work: Path) -
                  ema_encoder=ema_encoder.state_dict(), opt=opt.state_dict(), step=done)
         if done % cfg.eval_every == 0 or done == cfg.unet_steps:
             pipe = export(ema_unet, vae, ema_encoder, tokenizer, work / "export")
-            from .evaluate import adherence  # local import: evaluate imports this module's parent
+            from .evaluate import adherence
             score = adherence(pipe, seeds=(0,), samplers=("DDIM",), guidances=(None,))
             tqdm.write(f"step {done}: {score}")
             with (work / "eval.log").open("a") as log:

@@ -1,0 +1,267 @@
+"""The Gradio layout: the in-page player beside the settings, server-side panels below, the sampler grid.
+
+Plain functions (ui_handlers.App) first, then `with gr.Blocks()` layout, then wiring. Every event that
+runs the model shares one concurrency id, so runs queue instead of fighting over it. The player
+(player.py) holds the frames in the page; hidden components keep the named API endpoints (/frame,
+/grid_frame, /insight) for gradio_client users.
+"""
+from __future__ import annotations
+
+import gradio as gr
+import numpy as np
+
+from . import player
+from ..toy import model as toy
+from ..analysis import stages
+from ..engine.models import ALIASES, EMBEDDED
+from ..engine.run import DEFAULTS, MAX_STEPS
+from ..engine.samplers import sampler_names
+from .handlers import EXAMPLE_SAMPLERS, MAX_MAP_SEEDS, App, AppConfig, steps_table
+from .playground import MAX_SAMPLERS, Playground
+
+MODEL_CONCURRENCY = "model"
+EXAMPLES = ["a large red circle in the centre", "a small blue square on the left of a white background",
+            "a yellow triangle on the top", "a large purple diamond on the right of a black background"]
+PROSE = {
+    "intro": "Type a prompt and press **Generate**: the model starts from pure noise and removes a little of it at "
+             "every step. Every step's frames arrive in the player as they are decoded; scrub them with the slider, "
+             "the arrow keys or **Play**. **x_t** is the noisy latent after the step, **x0-hat** the model's guess "
+             "of the finished image. Heun and DPM2 spend two model evaluations per step.",
+    "guidance": "Classifier-free guidance runs the model twice per step, without and with the prompt, and combines "
+                "them: guided = uncond + scale × (cond − uncond). The images are the final image each branch "
+                "predicts at the step you settled on in the player; the heatmap is where guidance pushes hardest. "
+                "Flux.1 has no unconditional branch (its guidance scale is an input of the model), so the panel "
+                "stays empty for Flux runs unless the true CFG scale (under “Negative prompt, size and model”) is "
+                "above 1.",
+    "forward": "The forward process, q(x_t | x_0): take an image, encode it, and add noise at this run's noise "
+               "levels, step by step. It becomes the player's “forward noising” view: denoising runs it backwards.",
+    "img2img": "Empty: start from pure noise. With an image: it is encoded by the VAE, noised to the point "
+               "`1 - strength` of the way through the schedule, and only the remaining steps run (img2img). "
+               "Low strength keeps the image; 1.0 keeps little of it.",
+    "toy": "The same diffusion in two dimensions, where you can see all of it. Each dot is one sample; the model "
+           "(a small MLP trained on the pattern) is run by the same samplers and loop as the image models. Arrows: "
+           "where the model sends a point at the current noise level (a third of the way to its x0-hat). Dots are "
+           "coloured by where they end. Click a dot to trace its path; ask for a cluster of the shapes pattern and "
+           "guidance (uncond + scale × (cond − uncond), as for images) bends every path toward it.",
+    "map": "Every image is a point in latent space (16×16×4 numbers for the embedded model). The map is a fixed 2D "
+           "projection of it (PCA of the model's training scenes, drawn as faint dots in clusters: for this model the "
+           "background separates images most). Each path starts at its noise (a square), follows x_t (line) and "
+           "x0-hat (dots) and ends in a cluster (ring). With an empty prompt the seeds end in different clusters; "
+           "a prompt that names a background brings them all to it. The player's View menu shows one run's path "
+           "following the slider. Other models: the projection is fitted on the runs themselves.",
+    "compare": "2 to 8 samplers on the same prompt, seed and initial noise, in one batch. The slider moves every "
+               "cell to the same point of its own schedule. Or list 2 to 4 models (e.g. `embedded, sd15, sdxl`) to "
+               "run the prompt on each in turn with the first picked sampler (Euler where it does not fit), "
+               "aligned the same way, with their convergence curves on one plot.",
+}
+CSS = """
+#title h2 { margin: 0; font-size: 1.25rem; }
+.explain { color: var(--body-text-color-subdued); font-size: 0.9em; }
+.frame img { image-rendering: pixelated; }
+@media (min-width: 900px) { .player-first { flex-direction: row-reverse; } }
+"""
+
+
+def _settings_controls(default_model: str, allow_any: bool, prefix: str = ""):
+    steps = gr.Slider(1, MAX_STEPS, value=DEFAULTS["num_inference_steps"], step=1, label="Steps",
+                      elem_id=f"{prefix}steps")
+    guidance = gr.Slider(0, 20, value=DEFAULTS["guidance_scale"], step=0.5, label="Guidance scale (CFG)")
+    with gr.Row():
+        seed = gr.Number(value=DEFAULTS["seed"], precision=0, label="Seed", minimum=0, scale=3)
+        randomize = gr.Button("Random seed", scale=1, min_width=80, elem_id=f"{prefix}randomize")
+    randomize.click(lambda: int(np.random.randint(0, 2**31 - 1)), None, seed, api_visibility="private")
+    attention = gr.Checkbox(value=DEFAULTS["attention"], label="Word maps: record where each word of the prompt "
+                            "acts, at every step", elem_id=f"{prefix}attention")
+    with gr.Accordion("Negative prompt, size and model", open=False):
+        negative = gr.Textbox(label="Negative prompt", value=DEFAULTS["negative_prompt"])
+        with gr.Row():
+            width = gr.Number(value=0, precision=0, label="Width (0 = model's native)")
+            height = gr.Number(value=0, precision=0, label="Height (0 = native)")
+        model = gr.Dropdown([EMBEDDED, *ALIASES], value=default_model, label="Model", allow_custom_value=allow_any,
+                            info="A local diffusers folder, checkpoint file or hub id can be typed in"
+                            if allow_any else None)
+        true_cfg = gr.Slider(1, 20, value=DEFAULTS["true_cfg_scale"], step=0.5, elem_id=f"{prefix}true-cfg",
+                             label="True CFG scale (Flux only: above 1 adds a negative branch, from the negative "
+                                   "prompt, every step)")
+    return negative, seed, steps, guidance, width, height, model, attention, true_cfg
+
+
+def _player(props: dict, elem_id: str) -> gr.HTML:
+    return gr.HTML(value=None, html_template=player.TEMPLATE, css_template=player.CSS, js_on_load=player.JS,
+                   elem_id=elem_id, **props)
+
+
+def build(config: AppConfig) -> gr.Blocks:
+    app = App(config)
+    playground = Playground(config.output_dir)
+    ttl = max(2, config.cache_ttl)
+    example_single, example_grid = app.example or (None, None)
+    example_run = app.store.get(example_single)[0] if example_single else None
+    with gr.Blocks(title="Denoising visualizer", delete_cache=(ttl // 2, ttl)) as demo:
+        gr.Markdown("## Denoising visualizer: watch a diffusion model turn noise into an image", elem_id="title")
+        with gr.Tab("Generate"):
+            with gr.Row(elem_classes="player-first"):
+                with gr.Column(scale=3, min_width=320):
+                    play = _player({**app.initial_props(0), "panel": "guidance"}, "player")
+                    notice = gr.Markdown(elem_id="notice")
+                with gr.Column(scale=2, min_width=300):
+                    prompt = gr.Textbox(label="Prompt", value=EXAMPLES[0], lines=2, elem_id="prompt")
+                    with gr.Row():
+                        run_button = gr.Button("Generate", variant="primary", elem_id="generate")
+                        stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
+                    sampler = gr.Dropdown(sampler_names(), value=DEFAULTS["sampler"], label="Sampler",
+                                          elem_id="sampler")
+                    negative, seed, steps, guidance, width, height, model, attention, true_cfg = _settings_controls(
+                        config.default_model, config.allow_any_model)
+                    with gr.Accordion("Start from an image (img2img)", open=False):
+                        gr.Markdown(PROSE["img2img"], elem_classes="explain")
+                        init_image = gr.Image(label="Init image", type="numpy", sources=["upload"], height=160,
+                                              elem_id="init-image")
+                        strength = gr.Slider(0.05, 1.0, value=DEFAULTS["strength"], step=0.05, label="Strength",
+                                             elem_id="strength")
+                    gr.Examples(EXAMPLES, inputs=prompt)
+                    gr.Markdown(PROSE["intro"], elem_classes="explain")
+            with gr.Tabs(elem_id="panels"):
+                with gr.Tab("Guidance"):
+                    gr.Markdown(PROSE["guidance"], elem_classes="explain")
+                    with gr.Row(elem_id="guidance"):
+                        g_images = [gr.Image(label=text, format="png", interactive=False, height=200, buttons=[],
+                                             elem_classes="frame") for text in
+                                    ("Without the prompt", "With the prompt", "What guidance adds", "Guided (x0-hat)")]
+                with gr.Tab("Downloads"):
+                    with gr.Row():
+                        dl_view = gr.Radio([("x_t", "xt"), ("x0-hat", "x0"), ("both", "both")], value="xt",
+                                           label="Animation shows", elem_id="dl-view")
+                    with gr.Row():
+                        buttons = {fmt: gr.Button(label, size="sm", elem_id=f"dl-{fmt}") for fmt, label in
+                                   [("gif", "GIF"), ("mp4", "MP4"), ("webp", "WebP"), ("zip", "Frames (ZIP)"),
+                                    ("run", "Saved run (ZIP)")]}
+                    file_out = gr.File(label="File", elem_id="download-file")
+                with gr.Tab("Forward noising"):
+                    gr.Markdown(PROSE["forward"], elem_classes="explain")
+                    with gr.Row():
+                        upload = gr.Image(label="Image (empty = this run's final image)", type="numpy",
+                                          sources=["upload"], height=200)
+                        noise_button = gr.Button("Noise it", elem_id="noise-it")
+                    forward_status = gr.Markdown(elem_id="forward-status")
+                with gr.Tab("Image space"):
+                    gr.Markdown(PROSE["map"], elem_classes="explain")
+                    with gr.Row():
+                        map_seeds = gr.Slider(2, MAX_MAP_SEEDS, value=8, step=1, label="Seeds", elem_id="map-seeds")
+                        map_button = gr.Button("Map these seeds", elem_id="map-button")
+                    with gr.Row():
+                        map_image = gr.Image(label="Paths through image space", format="png", interactive=False,
+                                             height=360, buttons=[], elem_id="map-image")
+                        map_summary = gr.Markdown(elem_id="map-summary")
+                with gr.Tab("Pipeline"):
+                    stages = gr.Markdown(stages.pipeline_stages(example_run) if example_run else "",
+                                         elem_id="stages")
+                with gr.Tab("Steps table"):
+                    table = gr.Dataframe(steps_table(example_run) if example_run else None,
+                                               headers=["step", "t", "sigma", "noise share", "evals"],
+                                               label="Steps", interactive=False, max_height=240)
+            run_id = gr.State(example_single)
+
+        with gr.Tab("Compare samplers / models"):
+            with gr.Row(elem_classes="player-first"):
+                with gr.Column(scale=3, min_width=320):
+                    c_play = _player(app.initial_props(1), "c-player")
+                with gr.Column(scale=2, min_width=300):
+                    c_prompt = gr.Textbox(label="Prompt", value=EXAMPLES[0], lines=2, elem_id="c-prompt")
+                    c_button = gr.Button("Compare", variant="primary", elem_id="compare")
+                    c_samplers = gr.CheckboxGroup(sampler_names(), value=EXAMPLE_SAMPLERS, label="Samplers (2 to 8)",
+                                                  elem_id="c-samplers")
+                    (c_negative, c_seed, c_steps, c_guidance, c_width, c_height, c_model, c_attention,
+                     c_true_cfg) = _settings_controls(config.default_model, config.allow_any_model, prefix="c-")
+                    c_models = gr.Textbox(label="…or compare models (2 to 4, comma-separated)", value="",
+                                          placeholder="embedded, sd15, sdxl", elem_id="c-models")
+                    gr.Markdown(PROSE["compare"], elem_classes="explain")
+                    with gr.Row():
+                        c_buttons = {fmt: gr.Button(label, size="sm", elem_id=f"c-dl-{fmt}") for fmt, label in
+                                     [("gif", "Grid GIF"), ("mp4", "Grid MP4"), ("png", "Final images (PNG)")]}
+                    c_file = gr.File(label="File", elem_id="c-download-file")
+            c_run_id = gr.State(example_grid)
+
+        with gr.Tab("2D playground"):
+            with gr.Row(elem_classes="player-first"):
+                with gr.Column(scale=3, min_width=320):
+                    t_play = _player(playground.initial_props(), "t-player")
+                with gr.Column(scale=2, min_width=300):
+                    t_pattern = gr.Radio(list(toy.PATTERNS), value=toy.TOY_DEFAULTS["pattern"], label="Pattern",
+                                         elem_id="t-pattern")
+                    t_button = gr.Button("Run", variant="primary", elem_id="t-run")
+                    t_samplers = gr.CheckboxGroup(sampler_names(), value=[toy.TOY_DEFAULTS["sampler"]],
+                                                  label=f"Samplers (1 to {MAX_SAMPLERS}, same starting points)",
+                                                  elem_id="t-samplers")
+                    t_steps = gr.Slider(1, toy.MAX_TOY_STEPS, value=toy.TOY_DEFAULTS["num_inference_steps"], step=1,
+                                        label="Steps", elem_id="t-steps")
+                    with gr.Row():
+                        t_label = gr.Dropdown(["any"], value="any", label="Ask for a cluster", elem_id="t-label",
+                                              info="shapes pattern only")
+                        t_guidance = gr.Slider(0, 10, value=toy.TOY_DEFAULTS["guidance_scale"], step=0.5,
+                                               label="Guidance toward it", elem_id="t-guidance")
+                    with gr.Row():
+                        t_seed = gr.Number(value=toy.TOY_DEFAULTS["seed"], precision=0, minimum=0, label="Seed",
+                                           elem_id="t-seed")
+                        t_points = gr.Slider(64, toy.MAX_POINTS, value=toy.TOY_DEFAULTS["points"], step=64,
+                                             label="Points", elem_id="t-points")
+                    gr.Markdown(PROSE["toy"], elem_classes="explain")
+
+        with gr.Group(visible=False):  # API-only: endpoints gradio_client users call by name
+            status = gr.Markdown(elem_id="status")
+            c_status = gr.Markdown(elem_id="c-status")
+            final_image = gr.Image(format="png", label="Final image")
+            c_grid = gr.Image(format="png", label="Grid")
+            api_step, api_progress = gr.Number(precision=0, label="Step"), gr.Number(label="Progress (%)")
+            api_view = gr.Textbox(label="View")
+            api_frame, api_grid = gr.Image(format="png", label="Frame"), gr.Image(format="png", label="Grid frame")
+            api_label, api_numbers, api_stages = gr.Markdown(), gr.Markdown(), gr.Markdown()
+            api_plots = [gr.Image(format="png") for _ in range(2)]
+            api_guidance = [gr.Image(format="png") for _ in range(4)]
+            api_change = gr.Image(format="png")
+            frame_button, grid_button, insight_button = gr.Button(), gr.Button(), gr.Button()
+
+        # ---- wiring -------------------------------------------------------------------------
+        model_event = dict(concurrency_id=MODEL_CONCURRENCY, concurrency_limit=config.concurrent_runs,
+                           show_progress="hidden")
+        run_button.click(
+            app.generate, [prompt, negative, seed, steps, guidance, sampler, width, height, model, init_image, strength,
+                           attention, true_cfg],
+            [play, final_image, run_id, table, status, notice, file_out, *g_images, stages],
+            api_name="generate", **model_event,
+        ).then(lambda rid: app.guidance(rid, None), run_id, g_images, show_progress="hidden", api_visibility="private")
+        stop_button.click(app.stop, None, None, queue=False, api_name="stop")
+        play.change(app.guidance, [run_id, play], g_images, api_name="guidance", show_progress="hidden",
+                    trigger_mode="always_last")
+        noise_button.click(app.noise_image, [run_id, upload], [play, forward_status], api_name="noise_image",
+                           **model_event)
+        map_button.click(app.map_seeds, [prompt, negative, seed, steps, guidance, sampler, model, map_seeds],
+                         [map_image, map_summary], api_name="map_seeds", **model_event)
+        for fmt, button in buttons.items():
+            button.click(lambda rid, v, fmt=fmt: app.download(rid, fmt, v), [run_id, dl_view], file_out,
+                         api_name=f"download_{fmt}")
+        c_button.click(app.compare, [c_prompt, c_negative, c_seed, c_steps, c_guidance, c_samplers, c_width,
+                                     c_height, c_model, c_attention, c_models, c_true_cfg],
+                       [c_play, c_grid, c_run_id, c_status, c_file],
+                       api_name="compare", **model_event)
+        for fmt, button in c_buttons.items():
+            button.click(lambda rid, fmt=fmt: app.download_grid(rid, fmt), c_run_id, c_file,
+                         api_name=f"download_grid_{fmt}")
+        t_pattern.change(lambda p: gr.Dropdown(choices=["any", *toy.PATTERNS[p][1]], value="any"), t_pattern, t_label,
+                         api_visibility="private")
+        t_button.click(playground.run, [t_pattern, t_samplers, t_steps, t_seed, t_label, t_guidance, t_points], t_play,
+                       api_name="toy", show_progress="hidden")
+        model.change(app.sampler_choices, [model, sampler], sampler, api_visibility="private", show_progress="hidden")
+        c_model.change(app.sampler_choices, [c_model, c_samplers], c_samplers, api_visibility="private",
+                       show_progress="hidden")
+        for model_box, guidance_slider in ((model, guidance), (c_model, c_guidance)):
+            model_box.change(app.guidance_label, model_box, guidance_slider, api_visibility="private",
+                             show_progress="hidden")
+        frame_button.click(app.show_step, [run_id, api_step, api_view], [api_frame, api_label], api_name="frame")
+        grid_button.click(app.show_grid, [c_run_id, api_progress, api_view], api_grid, api_name="grid_frame")
+        insight_button.click(app.insight, [run_id, api_step],
+                             [*api_plots, api_numbers, *api_guidance, api_change, api_stages], api_name="insight")
+        demo.load(lambda rid: app.guidance(rid, None), run_id, g_images, show_progress="hidden",
+                  api_visibility="private")
+    demo.app_state = app  # for tests and the launcher
+    return demo
