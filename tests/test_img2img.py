@@ -57,7 +57,7 @@ def test_img2img_runs_the_last_share_of_the_schedule(tiny_model, tiny_pipe, samp
 
 def test_pndm_img2img_counts_its_two_evaluation_first_step_once(tiny_model, tiny_pipe):
     run = generate(settings(tiny_model, "PNDM", strength=0.6), tiny_pipe)
-    assert len(run) == 6 and run.steps[0].evaluations == 2 and run.info.unet_evaluations == 7
+    assert len(run) == 6 and run.steps[0].evaluations == 2 and run.info.denoiser_evaluations == 7
 
 
 def test_lockstep_img2img_equals_each_sampler_alone(tiny_model, tiny_pipe):

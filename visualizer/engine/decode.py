@@ -3,8 +3,8 @@
 - `vae_decode`: the exact frame, through the model's own VAE (batched, fp32); its config says how the latents
   are scaled: decoded = decoder(latents / scaling_factor + shift_factor) (shift_factor: SD 3; 0 before).
 - `latent_preview`: a cheap linear latent -> RGB approximation, for live previews only.
-- `load_taesd`: the tiny TAESD (TAESDXL for SDXL, TAESD3 for SD 3, TAEF1 for Flux) decoder when its weights are on this machine
-  (previews, labelled so).
+- `load_taesd`: the tiny TAESD decoder of the model's family (TAESD, TAESDXL, TAESD3, TAEF1: its adapter's
+  taesd_repo, families.py) when its weights are on this machine (previews, labelled so).
 - `StreamingDecoder`: exact frames of every step, decoded in batches while the run goes.
 - `CheapPreview`: a labelled TAESD or latent-colour preview, for when no exact frame exists yet.
 """
@@ -21,31 +21,14 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from .families import family_of
+from .families import BY_KEY, family_of
 
-# rows = the 4 latent channels, columns = R, G, B; output in [-1, 1] (ComfyUI latent_formats.py)
-SD15_LATENT_RGB = [[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350],
-                   [-0.2829, 0.1762, 0.2721], [-0.2120, -0.2616, -0.7177]]
-SDXL_LATENT_RGB = [[0.3651, 0.4232, 0.4341], [-0.2533, -0.0042, 0.1068],
-                   [0.1076, 0.1111, -0.0362], [-0.3165, -0.2492, -0.2188]]
-SDXL_LATENT_RGB_BIAS = [0.1084, -0.0175, -0.0011]
-SD3_LATENT_RGB = [  # 16 latent channels
-    [-0.0922, -0.0175, 0.0749], [0.0311, 0.0633, 0.0954], [0.1994, 0.0927, 0.0458], [0.0856, 0.0339, 0.0902],
-    [0.0587, 0.0272, -0.0496], [-0.0006, 0.1104, 0.0309], [0.0978, 0.0306, 0.0427], [-0.0042, 0.1038, 0.1358],
-    [-0.0194, 0.0020, 0.0669], [-0.0488, 0.0130, -0.0268], [0.0922, 0.0988, 0.0951], [-0.0278, 0.0524, -0.0542],
-    [0.0332, 0.0456, 0.0895], [-0.0069, -0.0030, -0.0810], [-0.0596, -0.0465, -0.0293], [-0.1448, -0.1463, -0.1189]]
-SD3_LATENT_RGB_BIAS = [0.2394, 0.2135, 0.1925]
-FLUX_LATENT_RGB = [  # 16 latent channels
-    [-0.0346, 0.0244, 0.0681], [0.0034, 0.0210, 0.0687], [0.0275, -0.0668, -0.0433], [-0.0174, 0.0160, 0.0617],
-    [0.0859, 0.0721, 0.0329], [0.0004, 0.0383, 0.0115], [0.0405, 0.0861, 0.0915], [-0.0236, -0.0185, -0.0259],
-    [-0.0245, 0.0250, 0.1180], [0.1008, 0.0755, -0.0421], [-0.0515, 0.0201, 0.0011], [0.0428, -0.0012, -0.0036],
-    [0.0817, 0.0765, 0.0749], [-0.1264, -0.0522, -0.1103], [-0.0280, -0.0881, -0.0499], [-0.1262, -0.0982, -0.0778]]
-FLUX_LATENT_RGB_BIAS = [-0.0329, -0.0718, -0.0851]
-LATENT_RGB = {"sd": (SD15_LATENT_RGB, [0.0, 0.0, 0.0]), "sdxl": (SDXL_LATENT_RGB, SDXL_LATENT_RGB_BIAS),
-              "sd3": (SD3_LATENT_RGB, SD3_LATENT_RGB_BIAS), "flux": (FLUX_LATENT_RGB, FLUX_LATENT_RGB_BIAS)}  # by family
-# by family: the environment variable naming a TAESD folder or hub id, and its default
-TAESD = {"sd": ("VISUALIZER_TAESD", "madebyollin/taesd"), "sdxl": ("VISUALIZER_TAESDXL", "madebyollin/taesdxl"),
-         "sd3": ("VISUALIZER_TAESD3", "madebyollin/taesd3"), "flux": ("VISUALIZER_TAEF1", "madebyollin/taef1")}
+# each family's latent -> RGB factors and bias and its TAESD are its adapter's (families.py); these names of the
+# factors are kept for the tests that import them (test_sdxl, test_sd3, test_flux)
+SD15_LATENT_RGB = BY_KEY["sd"].latent_rgb_factors
+SDXL_LATENT_RGB, SDXL_LATENT_RGB_BIAS = BY_KEY["sdxl"].latent_rgb_factors, BY_KEY["sdxl"].latent_rgb_bias
+SD3_LATENT_RGB, SD3_LATENT_RGB_BIAS = BY_KEY["sd3"].latent_rgb_factors, BY_KEY["sd3"].latent_rgb_bias
+FLUX_LATENT_RGB, FLUX_LATENT_RGB_BIAS = BY_KEY["flux"].latent_rgb_factors, BY_KEY["flux"].latent_rgb_bias
 LATENT_RGB_FILE = "latent_rgb.json"  # optional, in a model folder: {"factors": channels x 3, "bias": 3}
 # On a CPU, batching VAE decodes pays up to about this many output pixels per batch; beyond it a batch is
 # slower per frame than one frame at a time (measured: SD 1.5 VAE at 256x256, 2.5 s per frame alone,
@@ -151,8 +134,8 @@ def latent_rgb_factors(pipe) -> tuple[torch.Tensor, torch.Tensor]:
         if path.exists():
             fit = json.loads(path.read_text())
             return torch.tensor(fit["factors"]), torch.tensor(fit["bias"])
-    factors, bias = LATENT_RGB[family_of(pipe).key]
-    return torch.tensor(factors), torch.tensor(bias)
+    family = family_of(pipe)
+    return torch.tensor(family.latent_rgb_factors), torch.tensor(family.latent_rgb_bias)
 
 
 def latent_preview(latents: torch.Tensor, factors: torch.Tensor, bias: torch.Tensor, size: int | None = None) -> np.ndarray:
@@ -173,12 +156,13 @@ def fit_latent_rgb(latents: torch.Tensor, images: torch.Tensor) -> dict:
 
 
 def load_taesd(device: torch.device, family: str = "sd"):
-    """AutoencoderTiny for `family`'s latents from its TAESD variable (a folder or hub id; defaults: TAESD): from
-    the local Hub cache, or downloaded once when the Hub is reachable and HF_HUB_OFFLINE is not set; None if absent."""
+    """AutoencoderTiny for the latents of `family` (a families.BY_KEY key) from the folder or hub id its TAESD
+    variable names, else its taesd_repo: from the local Hub cache, or downloaded once when the Hub is reachable and
+    HF_HUB_OFFLINE is not set; None if absent."""
     from diffusers import AutoencoderTiny
 
-    variable, default = TAESD[family]
-    source = os.environ.get(variable, default)
+    adapter = BY_KEY[family]
+    source = os.environ.get(adapter.taesd_variable, adapter.taesd_repo)
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
     try:
         return AutoencoderTiny.from_pretrained(source, local_files_only=offline).to(device).eval()
@@ -327,8 +311,8 @@ def _taesd(device, family: str):
 
 
 class CheapPreview:
-    """A labelled preview of latents that costs little: TAESD (TAESDXL, TAESD3, TAEF1 by family) where its weights are on this
-    machine, else the linear latent -> RGB fit. Not an exact frame: callers show its label."""
+    """A labelled preview of latents that costs little: the family's TAESD (load_taesd) where its weights are on
+    this machine, else the linear latent -> RGB fit. Not an exact frame: callers show its label."""
 
     def __init__(self, pipe, use_taesd: bool = True):
         self.pipe, self.use_taesd = pipe, use_taesd

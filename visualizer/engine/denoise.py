@@ -410,7 +410,7 @@ def _to_run(loop: SamplerLoop, initial_noise: torch.Tensor, common: dict, words:
                               start_timestep=loop.timesteps[loop.start])
     info = RunInfo(scheduler=type(scheduler).__name__, scheduler_config=_jsonable(dict(scheduler.config)),
                    init_noise_sigma=loop.init_noise_sigma, prediction_type=loop.prediction_type,
-                   unet_evaluations=loop.evaluations, stopped=len(loop.steps) < loop.total_steps, img2img=img2img,
+                   denoiser_evaluations=loop.evaluations, stopped=len(loop.steps) < loop.total_steps, img2img=img2img,
                    attention=attention, **common)
     return Run(settings=loop.settings, steps=loop.steps, tensors=tensors, info=info)
 

@@ -3,7 +3,10 @@
 A family says how a pipeline of its kind is loaded, how the prompt becomes the denoiser's conditioning,
 which network denoises and how one batched call to it is made, and which samplers fit it; the loop,
 capture, lockstep batching, img2img and decoding stay shared (the VAE's own config carries the latent
-scaling: `latents / scaling_factor + shift_factor`, decode.py).
+scaling: `latents / scaling_factor + shift_factor`, decode.py). A family also holds what the rest of the
+package knows of it, so nothing else branches on family names: its aliases and single-file checkpoint kinds
+(models.py), its latent colours and TAESD preview decoder (decode.py), and its pipeline stages in words
+(analysis/stages.py).
 
 - `StableDiffusion` (1.x / 2.x): one CLIP text encoder; its last hidden states condition the UNet.
 - `StableDiffusionXL`: two text encoders whose penultimate hidden states are concatenated per token, plus
@@ -57,6 +60,22 @@ class StableDiffusion:
     cfg_setting = "guidance_scale"  # the Settings field cfg_scale reads (a finished run's breakdown reads it too)
     gpu_dtype = torch.float16  # what --dtype auto runs its models in on a GPU (as diffusers' documentation does)
     joint_attention = None  # word maps (attention.py): None, UNet cross-attention; else the MMDiT's token order
+    # short names a person may give instead of a hub id (models.resolve): name -> hub id
+    aliases = {"sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5", "sd21": "stabilityai/stable-diffusion-2-1-base",
+               "sd-turbo": "stabilityai/sd-turbo"}
+    checkpoint_kinds = ("v1", "v2")  # single-file checkpoints of it, by diffusers' name for their kind
+    # (single_file_utils.infer_diffusers_model_type; models.checkpoint_family)
+    # the cheap latent -> RGB preview (decode.latent_preview): rows = the latent channels, columns = R, G, B;
+    # output in [-1, 1] (ComfyUI latent_formats.py)
+    latent_rgb_factors = [[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350],
+                          [-0.2829, 0.1762, 0.2721], [-0.2120, -0.2616, -0.7177]]
+    latent_rgb_bias = [0.0, 0.0, 0.0]
+    taesd_variable = "VISUALIZER_TAESD"  # the environment variable naming its TAESD preview decoder (a folder
+    taesd_repo = "madebyollin/taesd"  # or hub id; decode.load_taesd), and the decoder's hub id without it
+    # the pipeline-stages view (analysis/stages.py), in words
+    tokenizer_heading = "Tokenizer"
+    tokenizer_note = ""  # after the token count and limit: which tokenizer the limit is, what the others read
+    denoiser_heading = "UNet**"  # the denoiser stage's heading (closing the bold) and what the network does
 
     def pipeline_class(self):
         from diffusers import StableDiffusionPipeline
@@ -130,6 +149,12 @@ class StableDiffusion:
         the word maps read are ordered (the prompt tokenizer's first)."""
         return slice(1, max(1, len(token_strings) - 1))
 
+    def text_encoder_stage(self, info, cfg: bool, negative_prompt: bool) -> str:
+        """The pipeline-stages view's text-encoder stage in words, for a run with `info` (run.RunInfo), with or
+        without CFG, with or without a negative prompt."""
+        return (f"**Text encoder**: embedding of shape {info.text_embedding_shape} "
+                f"({'with an unconditional twin for CFG' if cfg else 'no CFG'})")
+
     def encode_prompt(self, pipe, prompt: str, negative_prompt: str, do_cfg: bool,
                       size: tuple[int, int]) -> Conditioning:
         """Conditioning of `prompt` (and, with CFG, of `negative_prompt`; "" = the empty prompt) for a
@@ -155,6 +180,14 @@ class StableDiffusionXL(StableDiffusion):
     name = "Stable Diffusion XL"
     pipelines = ("StableDiffusionXLPipeline",)
     load_kwargs = dict(add_watermarker=False)  # the watermark would alter the frames this tool shows
+    aliases = {"sdxl": "stabilityai/stable-diffusion-xl-base-1.0", "sdxl-turbo": "stabilityai/sdxl-turbo"}
+    checkpoint_kinds = ("xl_base",)
+    latent_rgb_factors = [[0.3651, 0.4232, 0.4341], [-0.2533, -0.0042, 0.1068],
+                          [0.1076, 0.1111, -0.0362], [-0.3165, -0.2492, -0.2188]]
+    latent_rgb_bias = [0.1084, -0.0175, -0.0011]
+    taesd_variable = "VISUALIZER_TAESDXL"
+    taesd_repo = "madebyollin/taesdxl"
+    tokenizer_heading = "Tokenizers"
 
     def pipeline_class(self):
         from diffusers import StableDiffusionXLPipeline
@@ -168,6 +201,20 @@ class StableDiffusionXL(StableDiffusion):
         if getattr(pipe.vae.config, "latents_mean", None) is not None:
             raise ModelLoadError("This SDXL model's VAE normalises latents by a per-channel mean and std "
                                  "(latents_mean / latents_std, as Playground v2.5 does); that is not supported yet.")
+
+    def text_encoder_stage(self, info, cfg: bool, negative_prompt: bool) -> str:
+        twin = "no CFG"
+        if cfg and info.zero_negative:
+            twin = ("with an all-zero unconditional twin for CFG: no negative prompt, and the model's "
+                    "force_zeros_for_empty_prompt is on")
+        elif cfg:
+            twin = f"with an unconditional twin for CFG, from the {'negative' if negative_prompt else 'empty'} prompt"
+        size = ", ".join(f"{v:g}" for v in info.time_ids or [])
+        return (f"**Text encoders** (SDXL): text_encoder and text_encoder_2 each encode the prompt; their "
+                f"penultimate hidden states are concatenated per token into an embedding of shape "
+                f"{info.text_embedding_shape} ({twin}). text_encoder_2's **pooled embedding**, shape "
+                f"{info.pooled_embedding_shape}, and the size conditioning time_ids = ({size}) (original height, "
+                "width; crop top, left; target height, width) enter the UNet beside the timestep (added_cond_kwargs)")
 
     def encode_prompt(self, pipe, prompt: str, negative_prompt: str, do_cfg: bool,
                       size: tuple[int, int]) -> Conditioning:
@@ -198,6 +245,24 @@ class StableDiffusion3(StableDiffusion):
     sampler_kind = "flow"
     joint_attention = "image_first"  # the joint attention's tokens: image patches, then CLIP's and T5's text
     gpu_dtype = torch.bfloat16  # SD 3.5 and Flux are run in bf16 (fp16 changes their images)
+    aliases = {"sd3.5-medium": "stabilityai/stable-diffusion-3.5-medium"}
+    checkpoint_kinds = ("sd3", "sd35_medium", "sd35_large")
+    latent_rgb_factors = [  # 16 latent channels
+        [-0.0922, -0.0175, 0.0749], [0.0311, 0.0633, 0.0954], [0.1994, 0.0927, 0.0458], [0.0856, 0.0339, 0.0902],
+        [0.0587, 0.0272, -0.0496], [-0.0006, 0.1104, 0.0309], [0.0978, 0.0306, 0.0427], [-0.0042, 0.1038, 0.1358],
+        [-0.0194, 0.0020, 0.0669], [-0.0488, 0.0130, -0.0268], [0.0922, 0.0988, 0.0951], [-0.0278, 0.0524, -0.0542],
+        [0.0332, 0.0456, 0.0895], [-0.0069, -0.0030, -0.0810], [-0.0596, -0.0465, -0.0293], [-0.1448, -0.1463, -0.1189]]
+    latent_rgb_bias = [0.2394, 0.2135, 0.1925]
+    taesd_variable = "VISUALIZER_TAESD3"
+    taesd_repo = "madebyollin/taesd3"
+    tokenizer_heading = "Tokenizers"
+    tokenizer_note = " (CLIP; T5 reads up to 256)"
+    image_tokens = "image patches"  # what the image is to the transformer (denoiser_heading)
+
+    @property
+    def denoiser_heading(self) -> str:
+        return (f"Transformer** (MMDiT: {self.image_tokens} and text tokens in joint attention; outputs a velocity "
+                "v, x0-hat = x_t - sigma * v)")
 
     def pipeline_class(self):
         from diffusers import StableDiffusion3Pipeline
@@ -220,6 +285,15 @@ class StableDiffusion3(StableDiffusion):
     def size_multiple(self, pipe) -> int:
         """The VAE's factor times the transformer's patch size (a patch of latents is one image token)."""
         return pipe.vae_scale_factor * pipe.transformer.config.patch_size
+
+    def text_encoder_stage(self, info, cfg: bool, negative_prompt: bool) -> str:
+        source = "negative" if negative_prompt else "empty"
+        return (f"**Text encoders** (SD 3): text_encoder and text_encoder_2 (CLIP) each encode the prompt; their "
+                "penultimate hidden states, concatenated per token and zero-padded to T5's width, are followed by "
+                f"text_encoder_3's (T5) hidden states: an embedding of shape {info.text_embedding_shape} "
+                f"({f'with an unconditional twin for CFG, from the {source} prompt' if cfg else 'no CFG'}). Both CLIP "
+                f"encoders' **pooled embeddings**, concatenated, shape {info.pooled_embedding_shape}, enter the "
+                "transformer beside the timestep (pooled_projections)")
 
     def encode_prompt(self, pipe, prompt: str, negative_prompt: str, do_cfg: bool,
                       size: tuple[int, int]) -> Conditioning:
@@ -249,6 +323,18 @@ class Flux(StableDiffusion3):
     joint_attention = "text_first"  # T5's tokens, then the image's
     guidance_label = "Guidance scale (Flux: an input of the model, no CFG branch; schnell ignores it)"
     max_sequence_length = 512  # FluxPipeline's default T5 token count
+    aliases = {"flux-schnell": "black-forest-labs/FLUX.1-schnell"}
+    checkpoint_kinds = ("flux-dev", "flux-schnell")
+    latent_rgb_factors = [  # 16 latent channels
+        [-0.0346, 0.0244, 0.0681], [0.0034, 0.0210, 0.0687], [0.0275, -0.0668, -0.0433], [-0.0174, 0.0160, 0.0617],
+        [0.0859, 0.0721, 0.0329], [0.0004, 0.0383, 0.0115], [0.0405, 0.0861, 0.0915], [-0.0236, -0.0185, -0.0259],
+        [-0.0245, 0.0250, 0.1180], [0.1008, 0.0755, -0.0421], [-0.0515, 0.0201, 0.0011], [0.0428, -0.0012, -0.0036],
+        [0.0817, 0.0765, 0.0749], [-0.1264, -0.0522, -0.1103], [-0.0280, -0.0881, -0.0499], [-0.1262, -0.0982, -0.0778]]
+    latent_rgb_bias = [-0.0329, -0.0718, -0.0851]
+    taesd_variable = "VISUALIZER_TAEF1"
+    taesd_repo = "madebyollin/taef1"
+    tokenizer_note = " (T5; CLIP reads up to 77 for the pooled embedding)"
+    image_tokens = "2x2 latent patches packed into tokens, with position ids,"
 
     def pipeline_class(self):
         from diffusers import FluxPipeline
@@ -309,6 +395,12 @@ class Flux(StableDiffusion3):
     def word_span(self, token_strings: list[str]) -> slice:
         """T5's tokens have no start token: every token but the end one."""
         return slice(0, max(0, len(token_strings) - 1))
+
+    def text_encoder_stage(self, info, cfg: bool, negative_prompt: bool) -> str:
+        return (f"**Text encoders** (Flux): text_encoder_2 (T5) encodes the prompt into {info.text_embedding_shape[1]} "
+                f"token states, shape {info.text_embedding_shape}, the transformer's text tokens (txt_ids all zero); "
+                f"text_encoder (CLIP)'s **pooled embedding**, shape {info.pooled_embedding_shape}, enters beside the "
+                "timestep (pooled_projections). No negative prompt: Flux has no unconditional branch")
 
     def encode_prompt(self, pipe, prompt: str, negative_prompt: str, do_cfg: bool,
                       size: tuple[int, int]) -> Conditioning:

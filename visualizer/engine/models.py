@@ -29,17 +29,10 @@ from .families import BY_KEY, BY_PIPELINE, StableDiffusion
 
 EMBEDDED_MODEL_DIR = Path(__file__).resolve().parents[2] / "assets" / "demo-model"
 EMBEDDED = "embedded"
-# short names a person may give instead of a hub id: name -> (hub id, its family's key in families.BY_KEY)
-ALIAS_TABLE = {
-    "sd15": ("stable-diffusion-v1-5/stable-diffusion-v1-5", "sd"),
-    "sd21": ("stabilityai/stable-diffusion-2-1-base", "sd"),
-    "sd-turbo": ("stabilityai/sd-turbo", "sd"),
-    "sdxl": ("stabilityai/stable-diffusion-xl-base-1.0", "sdxl"),
-    "sdxl-turbo": ("stabilityai/sdxl-turbo", "sdxl"),
-    "sd3.5-medium": ("stabilityai/stable-diffusion-3.5-medium", "sd3"),
-    "flux-schnell": ("black-forest-labs/FLUX.1-schnell", "flux"),
-}
-ALIASES = {name: hub_id for name, (hub_id, _) in ALIAS_TABLE.items()}  # name -> hub id
+# short names a person may give instead of a hub id, each family's (families.py `aliases`): name -> hub id, and
+# name -> its family's adapter
+ALIASES = {name: hub_id for family in BY_KEY.values() for name, hub_id in family.aliases.items()}
+ALIAS_FAMILIES = {name: family for family in BY_KEY.values() for name in family.aliases}
 # model_index.json's pipeline class -> the family a person knows; those in families.BY_PIPELINE load
 FAMILIES = {
     **{pipeline: family.name for pipeline, family in BY_PIPELINE.items()},
@@ -52,9 +45,9 @@ INDEX = "model_index.json"  # a diffusers model's table of contents: its pipelin
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 _CACHE_SIZE = 2
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt")  # single-file checkpoints
-# diffusers' name for a checkpoint's kind (single_file_utils.infer_diffusers_model_type) -> families.BY_KEY key
-CHECKPOINT_FAMILIES = {"v1": "sd", "v2": "sd", "xl_base": "sdxl", "sd3": "sd3", "sd35_medium": "sd3",
-                       "sd35_large": "sd3", "flux-dev": "flux", "flux-schnell": "flux"}
+# diffusers' name for a checkpoint's kind (single_file_utils.infer_diffusers_model_type) -> the family adapter
+# that loads it (families.py `checkpoint_kinds`)
+CHECKPOINT_FAMILIES = {kind: family for family in BY_KEY.values() for kind in family.checkpoint_kinds}
 CHECKPOINT_KINDS = {  # kinds a person may hold that do not run here, as a person knows them
     "xl_refiner": "an SDXL refiner", "playground-v2-5": "a Playground v2.5", "upscale": "an SD x4 upscaler",
     "inpainting": "an SD 1.x inpainting", "inpainting_v2": "an SD 2.x inpainting", "xl_inpaint": "an SDXL inpainting",
@@ -198,10 +191,10 @@ def checkpoint_family(ref: ModelRef) -> tuple[StableDiffusion, str]:
     if kind in ("v1", "v2") and CHECKPOINT_KEY_NAMES["inpainting"] not in shapes:
         raise ModelLoadError(f"{ref.name} holds no Stable Diffusion UNet (no model.diffusion_model.* tensors): it is "
                              "not a whole model (a LoRA, VAE or embedding file?).")
-    if CHECKPOINT_FAMILIES.get(kind) not in BY_KEY:
+    if kind not in CHECKPOINT_FAMILIES:
         raise ModelLoadError(f"{ref.name} is {CHECKPOINT_KINDS.get(kind, f'a {kind!r}')} checkpoint; this version "
                              f"runs {SUPPORTED_TEXT} base models.")
-    return BY_KEY[CHECKPOINT_FAMILIES[kind]], kind
+    return CHECKPOINT_FAMILIES[kind], kind
 
 
 def _checkpoint_shapes(ref: ModelRef) -> dict[str, torch.Tensor]:
@@ -273,8 +266,8 @@ def family_of_reference(reference: str | None) -> StableDiffusion:
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     ref = resolve(reference)
-    if ref.name in ALIAS_TABLE:
-        return BY_KEY[ALIAS_TABLE[ref.name][1]]
+    if ref.name in ALIAS_FAMILIES:
+        return ALIAS_FAMILIES[ref.name]
     if ref.single_file:
         return checkpoint_family(ref)[0]
     if ref.is_local:

@@ -2,7 +2,8 @@
 
 A saved run folder holds `run.json` (format version, settings, one entry per step, `RunInfo`),
 `tensors.safetensors` (latents, x0-hat and noise predictions of every step) and, once decoded,
-`frames/xt_0001.png ...`. Bundles written before the version field existed still load.
+`frames/xt_0001.png ...`. Bundles written before the version field existed, or with older names of RunInfo
+fields (RENAMED), still load.
 """
 from __future__ import annotations
 
@@ -174,6 +175,9 @@ class Img2ImgInfo:
     start_timestep: float  # timestep of the first step that ran
 
 
+RENAMED = {"unet_evaluations": "denoiser_evaluations"}  # RunInfo keys of older run.json files -> their names now
+
+
 @dataclass
 class RunInfo:
     """Facts about how a run was computed, for the pipeline-stages view and run.json."""
@@ -193,7 +197,7 @@ class RunInfo:
     token_limit: int  # the tokenizer's limit
     token_strings: list[str]  # the tokens the text encoder saw
     dropped_text: str = ""  # what truncation cut from the prompt ("" = nothing)
-    unet_evaluations: int = 0  # model calls of this sampler
+    denoiser_evaluations: int = 0  # model calls of this sampler (UNet or transformer; older bundles: RENAMED)
     lockstep_batch: int = 1  # samplers run together in one batch
     seconds: float = 0.0  # wall time of the denoising loop
     stopped: bool = False  # ended early: fewer steps than asked, no final image
@@ -215,11 +219,19 @@ class RunInfo:
     def truncated(self) -> bool:
         return bool(self.dropped_text)
 
+    @property
+    def unet_evaluations(self) -> int:
+        """The old name of denoiser_evaluations, for code not yet renamed (read only)."""
+        return self.denoiser_evaluations
+
     @classmethod
     def from_dict(cls, data: dict) -> "RunInfo":
-        """From run.json's info (either format version); unknown keys are ignored."""
+        """From run.json's info (either format version, and old keys: RENAMED); unknown keys are ignored."""
         known = {f.name: f for f in fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
+        for old, new in RENAMED.items():
+            if old in data and new not in values:
+                values[new] = data[old]
         for name in ("model_source", "device", "dtype", "scheduler", "prediction_type"):
             values.setdefault(name, "?")
         for name in ("scheduler_config",):
