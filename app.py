@@ -64,7 +64,8 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "httpcore", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from visualizer.app.layout import CSS, AppConfig, build
+    from visualizer.app.layout import CSS, build
+    from visualizer.app.runs import AppConfig
     from visualizer.api import warm_up
     from visualizer.engine.decode import use_cores
 

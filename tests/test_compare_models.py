@@ -68,12 +68,13 @@ def test_an_unknown_model_is_refused_before_anything_runs():
 
 
 def test_the_app_streams_a_model_comparison_into_one_grid(sd3_folder, tmp_path):
-    from visualizer.app.handlers import App, AppConfig, UserError
+    from visualizer.app.handlers import App
+    from visualizer.app.runs import AppConfig, UserError
 
     app = App(AppConfig(output_dir=tmp_path, example_dir=None))
-    updates = list(app.compare(PROMPT, "", 5, 4, 5.0, ["DPM++ 2M"], 0, 0, "embedded", False,
+    updates = list(app.compare_tab.compare(PROMPT, "", 5, 4, 5.0, ["DPM++ 2M"], 0, 0, "embedded", False,
                                f"embedded, {sd3_folder}"))
-    live = [u[0]["status"] for u in updates[:-1] if "status" in u[0]]
+    live = [u.player["status"] for u in updates[:-1] if "status" in u.player]
     assert any(s.startswith("Model 1 of 2 (embedded)") for s in live)
     assert any(s.startswith("Model 2 of 2 (tiny-sd3)") for s in live)
     props, picture, run_id, status, _ = updates[-1]
@@ -81,9 +82,11 @@ def test_the_app_streams_a_model_comparison_into_one_grid(sd3_folder, tmp_path):
     cells = props["cells"]
     assert [c["label"] for c in cells] == ["embedded · DPM++ 2M", "tiny-sd3 · DPM++ 2M"]  # both have DPM++ 2M
     assert all(len(c["frames"]["x0"]) == 4 and c["curve"] for c in cells)  # convergence curves for one plot
-    stored = app.store.get(run_id)
+    from visualizer.media import views
+
+    stored = app.runs.store.get(run_id)
     assert [r.settings.model for r in stored] == ["embedded", sd3_folder]
-    assert picture.shape == app.show_grid(run_id, 100, "x_t (noisy latents, decoded)").shape
+    assert picture.shape == views.grid_frame(stored, 1.0).shape
     assert all(len(c["frames"]["map"]) == 4 for c in cells)  # each model's path on a map of its own latents
     with pytest.raises(UserError, match="List 2 to 4"):
-        list(app.compare(PROMPT, "", 5, 4, 5.0, ["Euler"], 0, 0, "embedded", False, "embedded"))
+        list(app.compare_tab.compare(PROMPT, "", 5, 4, 5.0, ["Euler"], 0, 0, "embedded", False, "embedded"))

@@ -87,3 +87,17 @@ def test_bad_strength_is_refused_with_a_message(tiny_model, strength, message):
 def test_strength_without_an_image_is_ignored(tiny_model, tiny_pipe):
     run = generate(settings(tiny_model, strength=0.5, image=False), tiny_pipe)
     assert len(run) == 10 and run.info.img2img is None
+
+
+def test_the_generate_tab_runs_img2img_from_an_uploaded_image(tiny_model, tmp_path):
+    from visualizer.app.handlers import App
+    from visualizer.app.runs import AppConfig
+
+    tab = App(AppConfig(output_dir=tmp_path, default_model=tiny_model, example_dir=None)).generate_tab
+    image = np.full((32, 32, 3), (200, 30, 30), np.uint8)
+    *_, last = tab.generate("a red circle", "", 3, 10, 7.5, "Euler", 0, 0, tiny_model, image, 0.5)
+    assert len(last.steps_table) == 5
+    assert "from the init image (strength 0.5: steps 6–10 of the schedule)" in last.status
+    assert "Init image (img2img)" in last.stages and "the first 5 steps are skipped" in last.stages
+    *_, full = tab.generate("a red circle", "", 3, 10, 7.5, "Euler", 0, 0, tiny_model, None, 0.5)
+    assert len(full.steps_table) == 10  # no image: strength is ignored, all 10 steps run

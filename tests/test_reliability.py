@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from test_app import ROOT, X_T, generate, launch, steps_of
+from test_app import ROOT, X_T, generate, launch
 from visualizer.bench.load import run_load_test
 
 
@@ -67,8 +67,8 @@ def test_files_outside_the_output_folder_are_refused(server, path):
 
 def test_exports_are_served(server, tiny_model):
     client = client_for(server[0])
-    generate(client, tiny_model, steps=3)
-    gif = client.predict("xt", api_name="/download_gif")
+    run_id = generate(client, tiny_model, steps=3)["run_id"]
+    gif = client.predict(run_id, "gif", api_name="/download")
     assert Path(gif).stat().st_size > 0  # downloaded through the file route
 
 
@@ -102,7 +102,7 @@ def test_cancel_halts_the_run_and_the_next_one_starts(server, tiny_model, long_r
     assert job.outputs(), "no live preview arrived"
     job.cancel()
     started = time.time()
-    assert steps_of(generate(client_for(url), tiny_model, steps=3)) == 3
+    assert len(generate(client_for(url), tiny_model, steps=3)["steps"]) == 3
     assert time.time() - started < 0.6 * long_run_seconds  # the cancelled run no longer holds the queue
     assert psutil.Process(process.pid).num_threads() < 200
 
@@ -121,7 +121,7 @@ def test_killed_client_process_frees_the_queue(server, tiny_model, tmp_path, lon
     child.wait()
     started = time.time()
     result = generate(client_for(url), tiny_model, steps=3)
-    assert steps_of(result) == 3 and time.time() - started < 0.6 * long_run_seconds
+    assert len(result["steps"]) == 3 and time.time() - started < 0.6 * long_run_seconds
 
 
 def test_full_queue_says_busy(tiny_model, tmp_path):
@@ -157,25 +157,27 @@ def test_nan_model_output_gets_a_clear_message(tiny_model, tmp_path):
 
 
 def test_failed_export_write_is_reported(tiny_model, tmp_path):
-    from visualizer.app.handlers import App, AppConfig, UserError
+    from visualizer.app.handlers import App
+    from visualizer.app.runs import AppConfig, UserError
 
     app = App(AppConfig(output_dir=tmp_path / "out", default_model=tiny_model))
-    *_, last = app.generate("a red circle", "", 1, 3, 7.5, "Euler", 0, 0, tiny_model)
-    run_id = last[2]
-    (app.store.folder(run_id) / "denoising.gif").mkdir()  # the file cannot be written
+    *_, last = app.generate_tab.generate("a red circle", "", 1, 3, 7.5, "Euler", 0, 0, tiny_model)
+    run_id = last.run_id
+    (app.runs.store.folder(run_id) / "denoising.gif").mkdir()  # the file cannot be written
     with pytest.raises(UserError, match="Could not write the gif file"):
-        app.download(run_id, "gif", X_T)
-    assert Path(app.download(run_id, "mp4", X_T)).exists()  # the app goes on
+        app.generate_tab.download(run_id, "gif", X_T)
+    assert Path(app.generate_tab.download(run_id, "mp4", X_T)).exists()  # the app goes on
 
 
 def test_remote_servers_refuse_arbitrary_model_folders(tiny_model, tmp_path):
     from app import is_loopback
-    from visualizer.app.handlers import App, AppConfig, UserError
+    from visualizer.app.handlers import App
+    from visualizer.app.runs import AppConfig, UserError
 
     assert is_loopback("127.0.0.1") and is_loopback("localhost") and not is_loopback("0.0.0.0")
     app = App(AppConfig(output_dir=tmp_path, default_model=tiny_model, allow_any_model=False))
     with pytest.raises(UserError, match="only serves its built-in models"):
-        next(app.generate("a red circle", "", 1, 3, 7.5, "Euler", 0, 0, "/etc"))
+        next(app.generate_tab.generate("a red circle", "", 1, 3, 7.5, "Euler", 0, 0, "/etc"))
 
 
 def test_streamed_updates_make_gradio_rebuild_only_the_player(tiny_model, tmp_path):
@@ -184,11 +186,13 @@ def test_streamed_updates_make_gradio_rebuild_only_the_player(tiny_model, tmp_pa
     way; every other output gets a plain value, and the run id is empty until the run is done."""
     from gradio.utils import is_prop_update
 
-    from visualizer.app.handlers import App, AppConfig, UserError
+    from visualizer.app.handlers import App
+
+    from visualizer.app.runs import AppConfig, UserError
 
     app = App(AppConfig(output_dir=tmp_path, default_model=tiny_model, example_dir=None))
-    runs = {"generate": app.generate("a red circle", "", 1, 6, 7.5, "Euler", 0, 0, tiny_model),
-            "compare": app.compare("a red circle", "", 1, 6, 7.5, ["Euler", "DDIM"], 0, 0, tiny_model)}
+    runs = {"generate": app.generate_tab.generate("a red circle", "", 1, 6, 7.5, "Euler", 0, 0, tiny_model),
+            "compare": app.compare_tab.compare("a red circle", "", 1, 6, 7.5, ["Euler", "DDIM"], 0, 0, tiny_model)}
     for name, updates in runs.items():
         *streamed, last = updates
         assert streamed, name
@@ -196,15 +200,16 @@ def test_streamed_updates_make_gradio_rebuild_only_the_player(tiny_model, tmp_pa
             assert [k for k, value in enumerate(outputs) if is_prop_update(value)] == [0], name
             assert outputs[2] is None  # no run to download or break down while this one computes
         with pytest.raises(UserError, match="No finished run yet"):  # a download pressed meanwhile
-            app.download(streamed[-1][2], "gif", X_T)
-        assert last[2] and not is_prop_update(last[2])  # the finished run's id
+            app.generate_tab.download(streamed[-1].run_id, "gif", X_T)
+        assert last.run_id and not is_prop_update(last.run_id)  # the finished run's id
 
 
 def test_stop_closes_the_generator_within_a_step(tiny_model, tmp_path):
-    from visualizer.app.handlers import App, AppConfig
+    from visualizer.app.handlers import App
+    from visualizer.app.runs import AppConfig
 
     app = App(AppConfig(output_dir=tmp_path, default_model=tiny_model))
-    stream = app.generate("a red circle", "", 1, 500, 7.5, "Euler", 0, 0, tiny_model)
+    stream = app.generate_tab.generate("a red circle", "", 1, 500, 7.5, "Euler", 0, 0, tiny_model)
     next(stream)
     started = time.time()
     stream.close()  # what Gradio does on Stop or a closed tab
@@ -212,14 +217,15 @@ def test_stop_closes_the_generator_within_a_step(tiny_model, tmp_path):
 
 
 def test_two_hundred_runs_keep_memory_and_files_bounded(tiny_model, tmp_path):
-    from visualizer.app.handlers import App, AppConfig
+    from visualizer.app.handlers import App
+    from visualizer.app.runs import AppConfig
 
     app = App(AppConfig(output_dir=tmp_path / "out", default_model=tiny_model, run_capacity=8, example_dir=None))
     process = psutil.Process()
 
     def one(i):
-        *_, last = app.generate("a red circle", "", i, 4, 7.5, "Euler", 0, 0, tiny_model)
-        app.download(last[2], "gif", X_T)
+        *_, last = app.generate_tab.generate("a red circle", "", i, 4, 7.5, "Euler", 0, 0, tiny_model)
+        app.generate_tab.download(last.run_id, "gif", X_T)
 
     for i in range(20):
         one(i)
@@ -228,7 +234,7 @@ def test_two_hundred_runs_keep_memory_and_files_bounded(tiny_model, tmp_path):
         one(i)
     growth = (process.memory_info().rss - baseline) / 2**20
     assert growth < 60, f"memory grew by {growth:.0f} MiB over 180 runs"
-    assert len(app.store) == 8
+    assert len(app.runs.store) == 8
     assert len(list((tmp_path / "out").iterdir())) <= 8  # each run's exports and player frames go with it
 
 
@@ -239,14 +245,14 @@ def test_stop_keeps_the_steps_computed_so_far(server, tiny_model):
     while not job.outputs() and time.time() < deadline:
         time.sleep(0.05)
     client.predict(api_name="/stop")
-    _, final, table, status, *_ = job.result(timeout=60)
-    computed = len(table["data"])
+    result = job.result(timeout=60)
+    final, status, run_id, computed = result["final_image"], result["status"], result["run_id"], len(result["steps"])
     assert status.startswith("Stopped early") and 1 <= computed < 250
     assert "x0-hat of step" in status and "best guess" in status  # the result stays, and says what it is
-    x0, _ = client.predict(computed, "x0", api_name="/frame")
+    x0, _ = client.predict(run_id, computed, "x0", api_name="/frame")
     from visualizer.media.export import upscale
 
     final_frame = upscale(np.asarray(Image.open(final).convert("RGB")))
     assert final_frame.tobytes() == Image.open(x0).convert("RGB").tobytes()  # a stopped run shows its latest x0-hat
-    frame, label = client.predict(computed, X_T, api_name="/frame")  # what was computed is there
+    frame, label = client.predict(run_id, computed, X_T, api_name="/frame")  # what was computed is there
     assert label.startswith(f"Step {computed} of")

@@ -41,16 +41,16 @@ def here(settings, threads, samplers=None):
 
 
 def test_the_app_runs_on_replicas_with_its_flags(tmp_path):
-    from test_app import generate, launch, steps_of
+    from test_app import generate, launch
 
     process, url, log = launch(tmp_path, "--replicas", "2", "--replica-threads", str(THREADS))
     try:
         from gradio_client import Client
 
         result = generate(Client(url, verbose=False), "embedded", prompt=SETTINGS.prompt, seed=SETTINGS.seed,
-                          steps=8, sampler=SETTINGS.sampler, guidance=SETTINGS.guidance_scale)
-        assert steps_of(result) == 8 and result["status"].startswith("Done: 8 steps")
-        assert np.array_equal(np.asarray(Image.open(result["final"]).convert("RGB")),
+                          steps=8, sampler=SETTINGS.sampler, guidance_scale=SETTINGS.guidance_scale)
+        assert len(result["steps"]) == 8 and result["status"].startswith("Done: 8 steps")
+        assert np.array_equal(np.asarray(Image.open(result["final_image"]).convert("RGB")),
                               here(SETTINGS, THREADS).final_image)
     finally:
         process.terminate()
@@ -91,20 +91,21 @@ def test_a_comparison_on_a_replica_matches_and_errors_keep_their_message(replica
 
 
 def test_the_apps_handlers_run_on_the_replicas(replicas, tmp_path):
-    from visualizer.app.handlers import App, AppConfig
+    from visualizer.app.handlers import App
+    from visualizer.app.runs import AppConfig
 
     app = App(AppConfig(output_dir=tmp_path, example_dir=None, engine=replicas, concurrent_runs=2))
-    *_, last = app.generate(SETTINGS.prompt, "", SETTINGS.seed, 8, SETTINGS.guidance_scale, SETTINGS.sampler, 0, 0,
+    *_, last = app.generate_tab.generate(SETTINGS.prompt, "", SETTINGS.seed, 8, SETTINGS.guidance_scale, SETTINGS.sampler, 0, 0,
                             "embedded")
-    run_id = last[2]
-    run = app.store.get(run_id)[0]
+    run_id = last.run_id
+    run = app.runs.store.get(run_id)[0]
     assert len(run) == 8 and len(list(tmp_path.glob(f"{run_id}/player/0-x0-*"))) == 8
     frames = {k: list(v) for k, v in run.frames.items()}
     run.frames = {}  # as when the frame budget dropped them: re-decoded on a replica
-    assert_identical(app._runs(run_id)[0], here(SETTINGS, THREADS))
+    assert_identical(app.runs.get(run_id)[0], here(SETTINGS, THREADS))
     assert all(np.array_equal(x, y) for k in frames for x, y in zip(frames[k], run.frames[k], strict=True))
-    assert all(img is not None for img in app.guidance(run_id, 4))
-    _, note = app.noise_image(run_id, None)
+    assert all(img is not None for img in app.generate_tab.guidance(run_id, 4))
+    _, note = app.generate_tab.noise_image(run_id, None)
     assert len(run.frames["forward"]) == 8 and "Noised" in note
 
 
@@ -120,18 +121,19 @@ def test_stop_reaches_the_replica_within_a_step(replicas):
 
 
 def test_a_killed_replica_fails_only_its_own_run_and_the_next_run_works(replicas, tmp_path):
-    from visualizer.app.handlers import App, AppConfig, UserError
+    from visualizer.app.handlers import App
+    from visualizer.app.runs import AppConfig, UserError
 
     app = App(AppConfig(output_dir=tmp_path, example_dir=None, engine=replicas, concurrent_runs=2))
-    *_, last = app.generate("a red circle", "", 1, 4, 5.0, "Euler", 0, 0, "embedded")
-    kept = last[2]
+    *_, last = app.generate_tab.generate("a red circle", "", 1, 4, 5.0, "Euler", 0, 0, "embedded")
+    kept = last.run_id
     outcomes, started = {}, [threading.Event(), threading.Event()]
 
     def one(index):
         try:
-            for update in app.generate("a green circle", "", index, 150, 5.0, "Euler", 0, 0, "embedded"):
+            for update in app.generate_tab.generate("a green circle", "", index, 150, 5.0, "Euler", 0, 0, "embedded"):
                 started[index].set()
-            outcomes[index] = app.store.get(update[2])[0]
+            outcomes[index] = app.runs.store.get(update.run_id)[0]
         except UserError as error:  # the toast
             outcomes[index] = error
             started[index].set()
@@ -149,7 +151,7 @@ def test_a_killed_replica_fails_only_its_own_run_and_the_next_run_works(replicas
     assert len(lost) == 1 and len(finished) == 1, outcomes
     assert lost[0].message == str(ReplicaLost())
     assert len(finished[0]) == 150 and not finished[0].info.stopped
-    assert len(app._runs(kept)[0]) == 4  # the store lost nothing
+    assert len(app.runs.get(kept)[0]) == 4  # the store lost nothing
     started_next = time.monotonic()
     assert_identical(list(replicas.stream(SETTINGS))[-1], here(SETTINGS, THREADS))  # on the live replica
     assert time.monotonic() - started_next < 30

@@ -1,23 +1,28 @@
-"""The Gradio layout: the in-page player beside the settings, server-side panels below, the sampler grid.
+"""The Gradio layout: one builder per tab (its components, then its wiring), and the public API beside them.
 
-Plain functions (ui_handlers.App) first, then `with gr.Blocks()` layout, then wiring. Every event that
-runs the model shares one concurrency id, so runs queue instead of fighting over it. The player
-(player.py) holds the frames in the page; hidden components keep the named API endpoints (/frame,
-/grid_frame, /insight) for gradio_client users.
+Plain functions (the tab handlers) first, then `with gr.Blocks()` layout, then wiring. Every event that runs the
+model shares one concurrency id, so runs queue instead of fighting over it. The player (player.py) holds the
+frames in the page. The page's own events are private; gradio_client users call the typed endpoints of
+endpoints.py.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import gradio as gr
 import numpy as np
 
-from . import player
-from ..toy import model as toy
-from ..analysis import stages
+from ..analysis.stages import pipeline_stages
 from ..engine.models import ALIASES, EMBEDDED
 from ..engine.run import DEFAULTS, MAX_STEPS
 from ..engine.samplers import sampler_names
-from .handlers import EXAMPLE_SAMPLERS, MAX_MAP_SEEDS, App, AppConfig, steps_table
-from .playground import MAX_SAMPLERS, Playground
+from ..toy import model as toy
+from . import player
+from .compare import MAX_COMPARED_SAMPLERS, CompareOutputs
+from .generate import MAX_MAP_SEEDS, GenerateOutputs
+from .handlers import App
+from .playground import MAX_SAMPLERS
+from .runs import EXAMPLE_SAMPLERS, AppConfig, steps_table
 
 MODEL_CONCURRENCY = "model"
 EXAMPLES = ["a large red circle in the centre", "a small blue square on the left of a white background",
@@ -60,16 +65,30 @@ CSS = """
 .frame img { image-rendering: pixelated; }
 @media (min-width: 900px) { .player-first { flex-direction: row-reverse; } }
 """
+PAGE = dict(api_visibility="private")  # the page's own events: not part of the public API (endpoints.py)
 
 
-def _settings_controls(default_model: str, allow_any: bool, prefix: str = ""):
+class SettingsControls(NamedTuple):
+    """The settings both image tabs share, in the order their handlers take them after the prompt."""
+    negative: gr.Textbox
+    seed: gr.Number
+    steps: gr.Slider
+    guidance: gr.Slider
+    width: gr.Number
+    height: gr.Number
+    model: gr.Dropdown
+    attention: gr.Checkbox
+    true_cfg: gr.Slider
+
+
+def _settings_controls(config: AppConfig, prefix: str = "") -> SettingsControls:
     steps = gr.Slider(1, MAX_STEPS, value=DEFAULTS["num_inference_steps"], step=1, label="Steps",
                       elem_id=f"{prefix}steps")
     guidance = gr.Slider(0, 20, value=DEFAULTS["guidance_scale"], step=0.5, label="Guidance scale (CFG)")
     with gr.Row():
         seed = gr.Number(value=DEFAULTS["seed"], precision=0, label="Seed", minimum=0, scale=3)
         randomize = gr.Button("Random seed", scale=1, min_width=80, elem_id=f"{prefix}randomize")
-    randomize.click(lambda: int(np.random.randint(0, 2**31 - 1)), None, seed, api_visibility="private")
+    randomize.click(lambda: int(np.random.randint(0, 2**31 - 1)), None, seed, **PAGE)
     attention = gr.Checkbox(value=DEFAULTS["attention"], label="Word maps: record where each word of the prompt "
                             "acts, at every step", elem_id=f"{prefix}attention")
     with gr.Accordion("Negative prompt, size and model", open=False):
@@ -77,13 +96,14 @@ def _settings_controls(default_model: str, allow_any: bool, prefix: str = ""):
         with gr.Row():
             width = gr.Number(value=0, precision=0, label="Width (0 = model's native)")
             height = gr.Number(value=0, precision=0, label="Height (0 = native)")
-        model = gr.Dropdown([EMBEDDED, *ALIASES], value=default_model, label="Model", allow_custom_value=allow_any,
+        model = gr.Dropdown([EMBEDDED, *ALIASES], value=config.default_model, label="Model",
+                            allow_custom_value=config.allow_any_model,
                             info="A local diffusers folder, checkpoint file or hub id can be typed in"
-                            if allow_any else None)
+                            if config.allow_any_model else None)
         true_cfg = gr.Slider(1, 20, value=DEFAULTS["true_cfg_scale"], step=0.5, elem_id=f"{prefix}true-cfg",
                              label="True CFG scale (Flux only: above 1 adds a negative branch, from the negative "
                                    "prompt, every step)")
-    return negative, seed, steps, guidance, width, height, model, attention, true_cfg
+    return SettingsControls(negative, seed, steps, guidance, width, height, model, attention, true_cfg)
 
 
 def _player(props: dict, elem_id: str) -> gr.HTML:
@@ -91,177 +111,181 @@ def _player(props: dict, elem_id: str) -> gr.HTML:
                    elem_id=elem_id, **props)
 
 
+def _follow_model(app: App, controls: SettingsControls, samplers: gr.components.Component) -> None:
+    """A model picked in `controls` narrows the sampler menu and renames the guidance slider to fit its family."""
+    controls.model.change(app.runs.sampler_choices, [controls.model, samplers], samplers, show_progress="hidden",
+                          **PAGE)
+    controls.model.change(app.runs.guidance_label, controls.model, controls.guidance, show_progress="hidden", **PAGE)
+
+
+def _generate_tab(app: App, model_event: dict) -> tuple[gr.State, list[gr.Image]]:
+    """The Generate tab; returns what the page's load event fills (the run id and the guidance panel)."""
+    example_single = (app.runs.example or (None, None))[0]
+    example_run = app.runs.store.get(example_single)[0] if example_single else None
+    with gr.Row(elem_classes="player-first"):
+        with gr.Column(scale=3, min_width=320):
+            play = _player({**app.runs.initial_props(0), "panel": "guidance"}, "player")
+            notice = gr.Markdown(elem_id="notice")
+        with gr.Column(scale=2, min_width=300):
+            prompt = gr.Textbox(label="Prompt", value=EXAMPLES[0], lines=2, elem_id="prompt")
+            with gr.Row():
+                run_button = gr.Button("Generate", variant="primary", elem_id="generate")
+                stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
+            sampler = gr.Dropdown(sampler_names(), value=DEFAULTS["sampler"], label="Sampler", elem_id="sampler")
+            controls = _settings_controls(app.config)
+            with gr.Accordion("Start from an image (img2img)", open=False):
+                gr.Markdown(PROSE["img2img"], elem_classes="explain")
+                init_image = gr.Image(label="Init image", type="numpy", sources=["upload"], height=160,
+                                      elem_id="init-image")
+                strength = gr.Slider(0.05, 1.0, value=DEFAULTS["strength"], step=0.05, label="Strength",
+                                     elem_id="strength")
+            gr.Examples(EXAMPLES, inputs=prompt)
+            gr.Markdown(PROSE["intro"], elem_classes="explain")
+    with gr.Tabs(elem_id="panels"):
+        with gr.Tab("Guidance"):
+            gr.Markdown(PROSE["guidance"], elem_classes="explain")
+            with gr.Row(elem_id="guidance"):
+                guidance_images = [gr.Image(label=text, format="png", interactive=False, height=200, buttons=[],
+                                            elem_classes="frame") for text in
+                                   ("Without the prompt", "With the prompt", "What guidance adds", "Guided (x0-hat)")]
+        with gr.Tab("Downloads"):
+            with gr.Row():
+                download_view = gr.Radio([("x_t", "xt"), ("x0-hat", "x0"), ("both", "both")], value="xt",
+                                         label="Animation shows", elem_id="dl-view")
+            with gr.Row():
+                buttons = {fmt: gr.Button(label, size="sm", elem_id=f"dl-{fmt}") for fmt, label in
+                           [("gif", "GIF"), ("mp4", "MP4"), ("webp", "WebP"), ("zip", "Frames (ZIP)"),
+                            ("run", "Saved run (ZIP)")]}
+            file_out = gr.File(label="File", elem_id="download-file")
+        with gr.Tab("Forward noising"):
+            gr.Markdown(PROSE["forward"], elem_classes="explain")
+            with gr.Row():
+                upload = gr.Image(label="Image (empty = this run's final image)", type="numpy",
+                                  sources=["upload"], height=200)
+                noise_button = gr.Button("Noise it", elem_id="noise-it")
+            forward_status = gr.Markdown(elem_id="forward-status")
+        with gr.Tab("Image space"):
+            gr.Markdown(PROSE["map"], elem_classes="explain")
+            with gr.Row():
+                map_seeds = gr.Slider(2, MAX_MAP_SEEDS, value=8, step=1, label="Seeds", elem_id="map-seeds")
+                map_button = gr.Button("Map these seeds", elem_id="map-button")
+            with gr.Row():
+                map_image = gr.Image(label="Paths through image space", format="png", interactive=False,
+                                     height=360, buttons=[], elem_id="map-image")
+                map_summary = gr.Markdown(elem_id="map-summary")
+        with gr.Tab("Pipeline"):
+            stages = gr.Markdown(pipeline_stages(example_run) if example_run else "", elem_id="stages")
+        with gr.Tab("Steps table"):
+            table = gr.Dataframe(steps_table(example_run) if example_run else None,
+                                 headers=["step", "t", "sigma", "noise share", "evals"],
+                                 label="Steps", interactive=False, max_height=240)
+    run_id = gr.State(example_single)
+    status = gr.Markdown(visible=False, elem_id="status")  # the run's status line (the player shows it too)
+    final_image = gr.Image(format="png", visible=False)  # the final image, for the outputs' named order
+
+    tab = app.generate_tab
+    outputs = GenerateOutputs(play, final_image, run_id, table, status, notice, file_out, *guidance_images, stages)
+    run_button.click(
+        tab.generate, [prompt, controls.negative, controls.seed, controls.steps, controls.guidance, sampler,
+                       controls.width, controls.height, controls.model, init_image, strength, controls.attention,
+                       controls.true_cfg],
+        list(outputs), **model_event, **PAGE,
+    ).then(lambda rid: tab.guidance(rid, None), run_id, guidance_images, show_progress="hidden", **PAGE)
+
+    def stop(request: gr.Request):
+        app.runs.stop(request.session_hash)
+
+    stop_button.click(stop, None, None, queue=False, **PAGE)
+    play.change(tab.guidance, [run_id, play], guidance_images, show_progress="hidden", trigger_mode="always_last",
+                **PAGE)
+    noise_button.click(tab.noise_image, [run_id, upload], [play, forward_status], **model_event, **PAGE)
+    map_button.click(tab.map_seeds, [prompt, controls.negative, controls.seed, controls.steps, controls.guidance,
+                                     sampler, controls.model, map_seeds], [map_image, map_summary],
+                     **model_event, **PAGE)
+    for fmt, button in buttons.items():
+        button.click(lambda rid, view, fmt=fmt: tab.download(rid, fmt, view), [run_id, download_view], file_out,
+                     **PAGE)
+    _follow_model(app, controls, sampler)
+    return run_id, guidance_images
+
+
+def _compare_tab(app: App, model_event: dict) -> None:
+    with gr.Row(elem_classes="player-first"):
+        with gr.Column(scale=3, min_width=320):
+            play = _player(app.runs.initial_props(1), "c-player")
+        with gr.Column(scale=2, min_width=300):
+            prompt = gr.Textbox(label="Prompt", value=EXAMPLES[0], lines=2, elem_id="c-prompt")
+            button = gr.Button("Compare", variant="primary", elem_id="compare")
+            samplers = gr.CheckboxGroup(sampler_names(), value=EXAMPLE_SAMPLERS,
+                                        label=f"Samplers (2 to {MAX_COMPARED_SAMPLERS})", elem_id="c-samplers")
+            controls = _settings_controls(app.config, prefix="c-")
+            models = gr.Textbox(label="…or compare models (2 to 4, comma-separated)", value="",
+                                placeholder="embedded, sd15, sdxl", elem_id="c-models")
+            gr.Markdown(PROSE["compare"], elem_classes="explain")
+            with gr.Row():
+                buttons = {fmt: gr.Button(label, size="sm", elem_id=f"c-dl-{fmt}") for fmt, label in
+                           [("gif", "Grid GIF"), ("mp4", "Grid MP4"), ("png", "Final images (PNG)")]}
+            file_out = gr.File(label="File", elem_id="c-download-file")
+    run_id = gr.State((app.runs.example or (None, None))[1])
+    status = gr.Markdown(visible=False, elem_id="c-status")
+    grid_image = gr.Image(format="png", visible=False)
+
+    tab = app.compare_tab
+    outputs = CompareOutputs(play, grid_image, run_id, status, file_out)
+    button.click(tab.compare, [prompt, controls.negative, controls.seed, controls.steps, controls.guidance, samplers,
+                               controls.width, controls.height, controls.model, controls.attention, models,
+                               controls.true_cfg],
+                 list(outputs), **model_event, **PAGE)
+    for fmt, fmt_button in buttons.items():
+        fmt_button.click(lambda rid, fmt=fmt: tab.download_grid(rid, fmt), run_id, file_out, **PAGE)
+    _follow_model(app, controls, samplers)
+
+
+def _playground_tab(app: App) -> None:
+    with gr.Row(elem_classes="player-first"):
+        with gr.Column(scale=3, min_width=320):
+            play = _player(app.playground.initial_props(), "t-player")
+        with gr.Column(scale=2, min_width=300):
+            pattern = gr.Radio(list(toy.PATTERNS), value=toy.TOY_DEFAULTS["pattern"], label="Pattern",
+                               elem_id="t-pattern")
+            button = gr.Button("Run", variant="primary", elem_id="t-run")
+            samplers = gr.CheckboxGroup(sampler_names(), value=[toy.TOY_DEFAULTS["sampler"]],
+                                        label=f"Samplers (1 to {MAX_SAMPLERS}, same starting points)",
+                                        elem_id="t-samplers")
+            steps = gr.Slider(1, toy.MAX_TOY_STEPS, value=toy.TOY_DEFAULTS["num_inference_steps"], step=1,
+                              label="Steps", elem_id="t-steps")
+            with gr.Row():
+                label = gr.Dropdown(["any"], value="any", label="Ask for a cluster", elem_id="t-label",
+                                    info="shapes pattern only")
+                guidance = gr.Slider(0, 10, value=toy.TOY_DEFAULTS["guidance_scale"], step=0.5,
+                                     label="Guidance toward it", elem_id="t-guidance")
+            with gr.Row():
+                seed = gr.Number(value=toy.TOY_DEFAULTS["seed"], precision=0, minimum=0, label="Seed",
+                                 elem_id="t-seed")
+                points = gr.Slider(64, toy.MAX_POINTS, value=toy.TOY_DEFAULTS["points"], step=64, label="Points",
+                                   elem_id="t-points")
+            gr.Markdown(PROSE["toy"], elem_classes="explain")
+    pattern.change(lambda p: gr.Dropdown(choices=["any", *toy.PATTERNS[p][1]], value="any"), pattern, label, **PAGE)
+    button.click(app.playground.run, [pattern, samplers, steps, seed, label, guidance, points], play,
+                 show_progress="hidden", **PAGE)
+
+
 def build(config: AppConfig) -> gr.Blocks:
     app = App(config)
-    playground = Playground(config.output_dir)
     ttl = max(2, config.cache_ttl)
-    example_single, example_grid = app.example or (None, None)
-    example_run = app.store.get(example_single)[0] if example_single else None
+    model_event = dict(concurrency_id=MODEL_CONCURRENCY, concurrency_limit=config.concurrent_runs,
+                       show_progress="hidden")
     with gr.Blocks(title="Denoising visualizer", delete_cache=(ttl // 2, ttl)) as demo:
         gr.Markdown("## Denoising visualizer: watch a diffusion model turn noise into an image", elem_id="title")
+        # first, so the endpoints own their names (a private page event of the same function name gets a suffix)
+        app.endpoints.register(dict(concurrency_id=MODEL_CONCURRENCY, concurrency_limit=config.concurrent_runs))
         with gr.Tab("Generate"):
-            with gr.Row(elem_classes="player-first"):
-                with gr.Column(scale=3, min_width=320):
-                    play = _player({**app.initial_props(0), "panel": "guidance"}, "player")
-                    notice = gr.Markdown(elem_id="notice")
-                with gr.Column(scale=2, min_width=300):
-                    prompt = gr.Textbox(label="Prompt", value=EXAMPLES[0], lines=2, elem_id="prompt")
-                    with gr.Row():
-                        run_button = gr.Button("Generate", variant="primary", elem_id="generate")
-                        stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
-                    sampler = gr.Dropdown(sampler_names(), value=DEFAULTS["sampler"], label="Sampler",
-                                          elem_id="sampler")
-                    negative, seed, steps, guidance, width, height, model, attention, true_cfg = _settings_controls(
-                        config.default_model, config.allow_any_model)
-                    with gr.Accordion("Start from an image (img2img)", open=False):
-                        gr.Markdown(PROSE["img2img"], elem_classes="explain")
-                        init_image = gr.Image(label="Init image", type="numpy", sources=["upload"], height=160,
-                                              elem_id="init-image")
-                        strength = gr.Slider(0.05, 1.0, value=DEFAULTS["strength"], step=0.05, label="Strength",
-                                             elem_id="strength")
-                    gr.Examples(EXAMPLES, inputs=prompt)
-                    gr.Markdown(PROSE["intro"], elem_classes="explain")
-            with gr.Tabs(elem_id="panels"):
-                with gr.Tab("Guidance"):
-                    gr.Markdown(PROSE["guidance"], elem_classes="explain")
-                    with gr.Row(elem_id="guidance"):
-                        g_images = [gr.Image(label=text, format="png", interactive=False, height=200, buttons=[],
-                                             elem_classes="frame") for text in
-                                    ("Without the prompt", "With the prompt", "What guidance adds", "Guided (x0-hat)")]
-                with gr.Tab("Downloads"):
-                    with gr.Row():
-                        dl_view = gr.Radio([("x_t", "xt"), ("x0-hat", "x0"), ("both", "both")], value="xt",
-                                           label="Animation shows", elem_id="dl-view")
-                    with gr.Row():
-                        buttons = {fmt: gr.Button(label, size="sm", elem_id=f"dl-{fmt}") for fmt, label in
-                                   [("gif", "GIF"), ("mp4", "MP4"), ("webp", "WebP"), ("zip", "Frames (ZIP)"),
-                                    ("run", "Saved run (ZIP)")]}
-                    file_out = gr.File(label="File", elem_id="download-file")
-                with gr.Tab("Forward noising"):
-                    gr.Markdown(PROSE["forward"], elem_classes="explain")
-                    with gr.Row():
-                        upload = gr.Image(label="Image (empty = this run's final image)", type="numpy",
-                                          sources=["upload"], height=200)
-                        noise_button = gr.Button("Noise it", elem_id="noise-it")
-                    forward_status = gr.Markdown(elem_id="forward-status")
-                with gr.Tab("Image space"):
-                    gr.Markdown(PROSE["map"], elem_classes="explain")
-                    with gr.Row():
-                        map_seeds = gr.Slider(2, MAX_MAP_SEEDS, value=8, step=1, label="Seeds", elem_id="map-seeds")
-                        map_button = gr.Button("Map these seeds", elem_id="map-button")
-                    with gr.Row():
-                        map_image = gr.Image(label="Paths through image space", format="png", interactive=False,
-                                             height=360, buttons=[], elem_id="map-image")
-                        map_summary = gr.Markdown(elem_id="map-summary")
-                with gr.Tab("Pipeline"):
-                    stages = gr.Markdown(stages.pipeline_stages(example_run) if example_run else "",
-                                         elem_id="stages")
-                with gr.Tab("Steps table"):
-                    table = gr.Dataframe(steps_table(example_run) if example_run else None,
-                                               headers=["step", "t", "sigma", "noise share", "evals"],
-                                               label="Steps", interactive=False, max_height=240)
-            run_id = gr.State(example_single)
-
+            run_id, guidance_images = _generate_tab(app, model_event)
         with gr.Tab("Compare samplers / models"):
-            with gr.Row(elem_classes="player-first"):
-                with gr.Column(scale=3, min_width=320):
-                    c_play = _player(app.initial_props(1), "c-player")
-                with gr.Column(scale=2, min_width=300):
-                    c_prompt = gr.Textbox(label="Prompt", value=EXAMPLES[0], lines=2, elem_id="c-prompt")
-                    c_button = gr.Button("Compare", variant="primary", elem_id="compare")
-                    c_samplers = gr.CheckboxGroup(sampler_names(), value=EXAMPLE_SAMPLERS, label="Samplers (2 to 8)",
-                                                  elem_id="c-samplers")
-                    (c_negative, c_seed, c_steps, c_guidance, c_width, c_height, c_model, c_attention,
-                     c_true_cfg) = _settings_controls(config.default_model, config.allow_any_model, prefix="c-")
-                    c_models = gr.Textbox(label="…or compare models (2 to 4, comma-separated)", value="",
-                                          placeholder="embedded, sd15, sdxl", elem_id="c-models")
-                    gr.Markdown(PROSE["compare"], elem_classes="explain")
-                    with gr.Row():
-                        c_buttons = {fmt: gr.Button(label, size="sm", elem_id=f"c-dl-{fmt}") for fmt, label in
-                                     [("gif", "Grid GIF"), ("mp4", "Grid MP4"), ("png", "Final images (PNG)")]}
-                    c_file = gr.File(label="File", elem_id="c-download-file")
-            c_run_id = gr.State(example_grid)
-
+            _compare_tab(app, model_event)
         with gr.Tab("2D playground"):
-            with gr.Row(elem_classes="player-first"):
-                with gr.Column(scale=3, min_width=320):
-                    t_play = _player(playground.initial_props(), "t-player")
-                with gr.Column(scale=2, min_width=300):
-                    t_pattern = gr.Radio(list(toy.PATTERNS), value=toy.TOY_DEFAULTS["pattern"], label="Pattern",
-                                         elem_id="t-pattern")
-                    t_button = gr.Button("Run", variant="primary", elem_id="t-run")
-                    t_samplers = gr.CheckboxGroup(sampler_names(), value=[toy.TOY_DEFAULTS["sampler"]],
-                                                  label=f"Samplers (1 to {MAX_SAMPLERS}, same starting points)",
-                                                  elem_id="t-samplers")
-                    t_steps = gr.Slider(1, toy.MAX_TOY_STEPS, value=toy.TOY_DEFAULTS["num_inference_steps"], step=1,
-                                        label="Steps", elem_id="t-steps")
-                    with gr.Row():
-                        t_label = gr.Dropdown(["any"], value="any", label="Ask for a cluster", elem_id="t-label",
-                                              info="shapes pattern only")
-                        t_guidance = gr.Slider(0, 10, value=toy.TOY_DEFAULTS["guidance_scale"], step=0.5,
-                                               label="Guidance toward it", elem_id="t-guidance")
-                    with gr.Row():
-                        t_seed = gr.Number(value=toy.TOY_DEFAULTS["seed"], precision=0, minimum=0, label="Seed",
-                                           elem_id="t-seed")
-                        t_points = gr.Slider(64, toy.MAX_POINTS, value=toy.TOY_DEFAULTS["points"], step=64,
-                                             label="Points", elem_id="t-points")
-                    gr.Markdown(PROSE["toy"], elem_classes="explain")
-
-        with gr.Group(visible=False):  # API-only: endpoints gradio_client users call by name
-            status = gr.Markdown(elem_id="status")
-            c_status = gr.Markdown(elem_id="c-status")
-            final_image = gr.Image(format="png", label="Final image")
-            c_grid = gr.Image(format="png", label="Grid")
-            api_step, api_progress = gr.Number(precision=0, label="Step"), gr.Number(label="Progress (%)")
-            api_view = gr.Textbox(label="View")
-            api_frame, api_grid = gr.Image(format="png", label="Frame"), gr.Image(format="png", label="Grid frame")
-            api_label, api_numbers, api_stages = gr.Markdown(), gr.Markdown(), gr.Markdown()
-            api_plots = [gr.Image(format="png") for _ in range(2)]
-            api_guidance = [gr.Image(format="png") for _ in range(4)]
-            api_change = gr.Image(format="png")
-            frame_button, grid_button, insight_button = gr.Button(), gr.Button(), gr.Button()
-
-        # ---- wiring -------------------------------------------------------------------------
-        model_event = dict(concurrency_id=MODEL_CONCURRENCY, concurrency_limit=config.concurrent_runs,
-                           show_progress="hidden")
-        run_button.click(
-            app.generate, [prompt, negative, seed, steps, guidance, sampler, width, height, model, init_image, strength,
-                           attention, true_cfg],
-            [play, final_image, run_id, table, status, notice, file_out, *g_images, stages],
-            api_name="generate", **model_event,
-        ).then(lambda rid: app.guidance(rid, None), run_id, g_images, show_progress="hidden", api_visibility="private")
-        stop_button.click(app.stop, None, None, queue=False, api_name="stop")
-        play.change(app.guidance, [run_id, play], g_images, api_name="guidance", show_progress="hidden",
-                    trigger_mode="always_last")
-        noise_button.click(app.noise_image, [run_id, upload], [play, forward_status], api_name="noise_image",
-                           **model_event)
-        map_button.click(app.map_seeds, [prompt, negative, seed, steps, guidance, sampler, model, map_seeds],
-                         [map_image, map_summary], api_name="map_seeds", **model_event)
-        for fmt, button in buttons.items():
-            button.click(lambda rid, v, fmt=fmt: app.download(rid, fmt, v), [run_id, dl_view], file_out,
-                         api_name=f"download_{fmt}")
-        c_button.click(app.compare, [c_prompt, c_negative, c_seed, c_steps, c_guidance, c_samplers, c_width,
-                                     c_height, c_model, c_attention, c_models, c_true_cfg],
-                       [c_play, c_grid, c_run_id, c_status, c_file],
-                       api_name="compare", **model_event)
-        for fmt, button in c_buttons.items():
-            button.click(lambda rid, fmt=fmt: app.download_grid(rid, fmt), c_run_id, c_file,
-                         api_name=f"download_grid_{fmt}")
-        t_pattern.change(lambda p: gr.Dropdown(choices=["any", *toy.PATTERNS[p][1]], value="any"), t_pattern, t_label,
-                         api_visibility="private")
-        t_button.click(playground.run, [t_pattern, t_samplers, t_steps, t_seed, t_label, t_guidance, t_points], t_play,
-                       api_name="toy", show_progress="hidden")
-        model.change(app.sampler_choices, [model, sampler], sampler, api_visibility="private", show_progress="hidden")
-        c_model.change(app.sampler_choices, [c_model, c_samplers], c_samplers, api_visibility="private",
-                       show_progress="hidden")
-        for model_box, guidance_slider in ((model, guidance), (c_model, c_guidance)):
-            model_box.change(app.guidance_label, model_box, guidance_slider, api_visibility="private",
-                             show_progress="hidden")
-        frame_button.click(app.show_step, [run_id, api_step, api_view], [api_frame, api_label], api_name="frame")
-        grid_button.click(app.show_grid, [c_run_id, api_progress, api_view], api_grid, api_name="grid_frame")
-        insight_button.click(app.insight, [run_id, api_step],
-                             [*api_plots, api_numbers, *api_guidance, api_change, api_stages], api_name="insight")
-        demo.load(lambda rid: app.guidance(rid, None), run_id, g_images, show_progress="hidden",
-                  api_visibility="private")
+            _playground_tab(app)
+        demo.load(lambda rid: app.generate_tab.guidance(rid, None), run_id, guidance_images, show_progress="hidden",
+                  **PAGE)
     demo.app_state = app  # for tests and the launcher
     return demo

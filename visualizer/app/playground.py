@@ -21,7 +21,7 @@ from ..errors import SettingsError
 from .player import PlayerCell, PlayerProps, step_props
 from ..engine.run import Step
 from .store import RunStore
-from .handlers import UserError, url
+from .runs import UserError, url
 
 MAX_SAMPLERS = 4
 KEPT_RUNS = 32  # 2D runs whose files are kept for the players; older ones are deleted

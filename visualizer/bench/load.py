@@ -16,17 +16,15 @@ from PIL import Image
 
 from ..engine.run import Settings
 
-X_T = "x_t (noisy latents, decoded)"
-
-
 def _digest(path: str) -> str:
     return hashlib.sha256(np.asarray(Image.open(path).convert("RGB")).tobytes()).hexdigest()
 
 
-def _form(settings: Settings) -> tuple:
-    """The app's form values for `settings` (its size field: 0 = the model's native size)."""
-    return (settings.prompt, settings.negative_prompt, settings.seed, settings.num_inference_steps,
-            settings.guidance_scale)
+def _form(settings: Settings) -> dict:
+    """The API's arguments for `settings` (its size: 0 = the model's native size)."""
+    return dict(prompt=settings.prompt, negative_prompt=settings.negative_prompt, seed=settings.seed,
+                num_inference_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale,
+                width=0, height=0, model=settings.model)
 
 
 def request(url: str, index: int, model: str, steps: int) -> tuple[str, str]:
@@ -37,11 +35,12 @@ def request(url: str, index: int, model: str, steps: int) -> tuple[str, str]:
     settings = Settings(prompt="a red circle" if index % 2 == 0 else "a blue square", model=model, seed=1000 + index,
                         num_inference_steps=steps, guidance_scale=7.5, sampler="Euler a").validate()
     if index % 2 == 0:
-        _, _, table, *_ = client.predict(*_form(settings), settings.sampler, 0, 0, model, api_name="/generate")
-        frames = [client.predict(i, X_T, api_name="/frame")[0] for i in range(1, len(table["data"]) + 1)]
+        result = client.predict(**_form(settings), sampler=settings.sampler, api_name="/generate")
+        frames = [client.predict(result["run_id"], i, "xt", api_name="/frame")[0]
+                  for i in range(1, len(result["steps"]) + 1)]
         return "generate", hashlib.sha256("".join(map(_digest, frames)).encode()).hexdigest()
-    _, grid, *_ = client.predict(*_form(settings), ["Euler", "DDIM", "Heun"], 0, 0, model, api_name="/compare")
-    return "compare", _digest(grid)
+    result = client.predict(**_form(settings), samplers=["Euler", "DDIM", "Heun"], api_name="/compare")
+    return "compare", _digest(result["grid_image"])
 
 
 def run_load_test(url: str, sessions: int = 8, model: str = "embedded", steps: int = 8) -> dict:
