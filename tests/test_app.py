@@ -200,3 +200,14 @@ def test_a_persons_mistake_logs_one_line_not_a_traceback(client, tiny_model, app
     added = log.read_text()[len(before):]
     assert "Traceback" not in added
     assert added.count("Pick 2 to 8 samplers") == 1 and added.count("multiple of 8") == 1
+
+
+def test_the_documented_gradio_client_example_prints_real_values(app, capsys):
+    text = (ROOT / "docs" / "usage.md").read_text()
+    block = text.split("<!-- gradio_client example -->\n```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(block.replace("http://127.0.0.1:7860/", app[0]), "usage.md", "exec"), {})
+    printed = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("Loaded as API")]
+    run_id, done, *_ = printed[0].split(" ", 2)
+    assert run_id and done == "Done:" and " 25 " in printed[0] and printed[0].endswith(".png")
+    assert printed[1].startswith("Step 5 of 25") and printed[1].endswith(".png")
+    assert printed[2].startswith("['Euler', 'DDIM', 'Heun'] Done: 3 samplers")
