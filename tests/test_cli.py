@@ -106,3 +106,14 @@ def test_bad_arguments_exit_nonzero_with_one_line(tiny_model, tmp_path, args, wo
 def test_missing_prompt_is_a_usage_error():
     result = cli("run", "--out", "x")
     assert result.returncode == 2 and "--prompt" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_help_comes_from_settings_and_the_alias_table(monkeypatch):
+    from visualizer.engine.models import ALIASES
+    from visualizer.engine.run import DEFAULTS
+
+    monkeypatch.setenv("COLUMNS", "1000")  # argparse wraps (and breaks words at hyphens) to the terminal's width
+    text = cli("run", "--help").stdout
+    assert all(alias in text for alias in ALIASES), text
+    assert f"sampler steps (default {DEFAULTS['num_inference_steps']})" in text
+    assert f"default {DEFAULTS['sampler']}; see `samplers`" in text

@@ -10,8 +10,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .errors import SettingsError, VisualizerError, user_message
-from .engine.models import DTYPE_CHOICES, LoadOptions, configure
-from .engine.run import Settings
+from .engine.models import ALIASES, DTYPE_CHOICES, EMBEDDED, LoadOptions, configure
+from .engine.run import DEFAULTS, Settings
+from .toy.model import PATTERNS, TOY_DEFAULTS
 
 FORMATS = ("gif", "mp4", "webp", "zip", "sheet")
 
@@ -25,18 +26,19 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
     """Flags for every Settings field; an absent flag takes the Settings default."""
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt")
-    p.add_argument("--model", help="embedded (default), sd15, sd21, sd-turbo, sdxl, sdxl-turbo, sd3.5-medium, flux-schnell, a "
-                                   "folder, a checkpoint file (.safetensors, .ckpt, .pt) or a hub id")
+    p.add_argument("--model", help=f"{DEFAULTS['model']} (default), {', '.join(a for a in (EMBEDDED, *ALIASES) if a != DEFAULTS['model'])}, "
+                                   "a folder, a checkpoint file (.safetensors, .ckpt, .pt) or a hub id")
     add_load_options(p)
-    p.add_argument("--steps", help="sampler steps (default 25)")
-    p.add_argument("--guidance", help="classifier-free guidance scale (default 5.0; Flux: its distilled guidance)")
+    p.add_argument("--steps", help=f"sampler steps (default {DEFAULTS['num_inference_steps']})")
+    p.add_argument("--guidance", help=f"classifier-free guidance scale (default {DEFAULTS['guidance_scale']:g}; Flux: its "
+                                      "distilled guidance)")
     p.add_argument("--true-cfg", help="Flux only: true classifier-free guidance scale with the negative prompt "
-                                      "(default 1: off)")
-    p.add_argument("--seed", help="default 0")
+                                      f"(default {DEFAULTS['true_cfg_scale']:g}: off)")
+    p.add_argument("--seed", help=f"default {DEFAULTS['seed']}")
     p.add_argument("--width", help="pixels (default: the model's native size)")
     p.add_argument("--height", help="pixels (default: the model's native size)")
     p.add_argument("--init-image", type=Path, default=None, help="img2img: start from this image")
-    p.add_argument("--strength", default=None, help="img2img: share of the schedule to run (default 0.8)")
+    p.add_argument("--strength", default=None, help=f"img2img: share of the schedule to run (default {DEFAULTS['strength']:g})")
     p.add_argument("--attention", action="store_true",
                    help="also record each prompt token's cross-attention map at every step (attention.npy)")
     p.add_argument("--attention-token", default=None, metavar="WORD",
@@ -72,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m visualizer", description="See how a diffusion model turns noise into an image.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = sub.add_parser("run", help="generate one run and write every step's frames")
-    p.add_argument("--sampler", help="default Euler; see `samplers`")
+    p.add_argument("--sampler", help=f"default {DEFAULTS['sampler']}; see `samplers`")
     _add_generation_options(p)
     _add_format_flags(p)
     p.add_argument("--map", action="store_true", help="write map.png: the run's path through image space (2D map)")
@@ -86,13 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mp4", action="store_true", help="also write grid.mp4")
     p.add_argument("--runs-only", action="store_true", help="write only the run folders (no grid or plots)")
     p = sub.add_parser("toy", help="the 2D playground: points flowing from noise onto a pattern")
-    p.add_argument("--pattern", help="ring, spiral or shapes (default spiral)")
-    p.add_argument("--steps", help="sampler steps (default 40)")
-    p.add_argument("--sampler", help='default Euler; several, comma-separated, move the same points side by side')
-    p.add_argument("--seed", help="default 0")
-    p.add_argument("--points", help="default 1024")
-    p.add_argument("--label", help="shapes only: the cluster to ask for (circle, square, triangle)")
-    p.add_argument("--guidance", help="classifier-free guidance toward --label (default 3.0)")
+    toy = TOY_DEFAULTS
+    p.add_argument("--pattern", help=f"{', '.join(PATTERNS)} (default {toy['pattern']})")
+    p.add_argument("--steps", help=f"sampler steps (default {toy['num_inference_steps']})")
+    p.add_argument("--sampler", help=f"default {toy['sampler']}; several, comma-separated, move the same points side "
+                                     "by side")
+    p.add_argument("--seed", help=f"default {toy['seed']}")
+    p.add_argument("--points", help=f"default {toy['points']}")
+    p.add_argument("--label", help=f"shapes only: the cluster to ask for ({', '.join(PATTERNS['shapes'][1])})")
+    p.add_argument("--guidance", help=f"classifier-free guidance toward --label (default {toy['guidance_scale']:g})")
     p.add_argument("--fps", type=float, default=10)
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--gif", action="store_true", help="write points.gif (the points and the field)")
