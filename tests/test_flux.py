@@ -16,7 +16,8 @@ from visualizer.analysis.stages import pipeline_stages
 from visualizer.engine.run import Run, Settings
 from visualizer.engine.samplers import FLUX_SAMPLERS, valid_for
 
-from conftest import check_latent_colour_preview, check_taesd_lookup, tiny_family_model
+from conftest import (assert_same_image, check_latent_colour_preview, check_taesd_lookup, tiny_family_model,
+                      trace_diffusers)
 from test_img2img import init_image
 
 PROMPT = "a red circle on the left"
@@ -63,7 +64,8 @@ def diffusers_image(pipe, sampler="Euler", steps=6, prompt=PROMPT, guidance_scal
 
 
 def final_image(pipe, run) -> np.ndarray:
-    return vae_decode(pipe.vae, run.tensors["latents"][-1:])[0].astype(np.float32) / 255
+    """The run's final image as the app shows it: uint8, through the model's own VAE."""
+    return vae_decode(pipe.vae, run.tensors["latents"][-1:])[0]
 
 
 @pytest.mark.parametrize("sampler", list(REFERENCE_SCHEDULERS))
@@ -72,7 +74,7 @@ def test_final_image_matches_diffusers_flux_pipeline(flux, sampler):
     run = generate(settings(folder, sampler), pipe)
     assert run.info.family == "flux" and run.info.prediction_type == "flow_prediction" and len(run) == 6
     assert run.info.guidance == "distilled" and "eps_cond" not in run.tensors  # no unconditional branch
-    assert np.abs(final_image(pipe, run) - diffusers_image(pipe, sampler)).max() <= 2 / 255
+    assert_same_image(final_image(pipe, run), diffusers_image(pipe, sampler))
     assert run.steps[0].sigma == pytest.approx(1.0, abs=1e-3) and all(s.flow for s in run.steps)
 
 
@@ -90,16 +92,42 @@ def test_euler_follows_the_size_shifted_schedule_and_keeps_latents_unpacked(flux
     assert [s.sigma for s in run.steps] != pytest.approx(plain.sigmas[:-1].tolist())  # the shift is not SD 3's
     t = run.tensors
     assert t["latents"].shape == (6, 16, 8, 8) and run.info.latent_shape == [1, 16, 8, 8]
-    sigma = torch.tensor([s.sigma for s in run.steps])[:, None, None, None]
-    assert torch.allclose((1 - sigma) * t["x0"] + sigma * t["eps"], t["x_in"], atol=1e-4)
     assert torch.allclose(t["x0"][-1], t["latents"][-1], atol=1e-5)  # Euler's last step lands on x0-hat
+
+
+@pytest.mark.parametrize("sampler", list(REFERENCE_SCHEDULERS))
+def test_x_t_and_x0_hat_are_what_diffusers_flux_pipeline_computes(flux, sampler):
+    """x_t: the latents FluxPipeline hands its callback_on_step_end after each step, unpacked from its tokens.
+    x0-hat: the schedulers' own prediction x0 = x - sigma * v, with v what diffusers' transformer returned in
+    diffusers' own run (hooked; guidance-distilled: one evaluation, no CFG branch), unpacked; the noise estimate
+    x + (1 - sigma) v likewise."""
+    folder, pipe = flux
+    run = generate(settings(folder, sampler), pipe)
+    reference = FluxPipeline(**pipe.components)
+    reference.scheduler = REFERENCE_SCHEDULERS[sampler](pipe.scheduler.config) or pipe.scheduler
+    reference.set_progress_bar_config(disable=True)
+    theirs = trace_diffusers(reference, reference.transformer, prompt=PROMPT, num_inference_steps=6,
+                             guidance_scale=3.5, height=32, width=32, generator=torch.Generator().manual_seed(SEED),
+                             output_type="np")
+    assert theirs["evaluations"] == 6 and theirs["model_output"].shape[1] == 1
+
+    def unpack(tokens):  # [steps, 16 tokens, 64] -> [steps, 16, 8, 8], as FluxPipeline unpacks its final latents
+        return FluxPipeline._unpack_latents(tokens, 32, 32, reference.vae_scale_factor)
+
+    t = run.tensors
+    assert torch.allclose(t["xt"], unpack(theirs["latents"]), rtol=0, atol=1e-5)
+    assert [s.sigma for s in run.steps] == pytest.approx(theirs["sigmas"].tolist(), rel=1e-6)
+    x, v, sigma = theirs["model_input"][:, 0], theirs["model_output"][:, 0], theirs["sigmas"][:, None, None]
+    assert torch.allclose(t["x_in"], unpack(x), rtol=0, atol=1e-5)
+    assert torch.allclose(t["x0"], unpack(x - sigma * v), rtol=0, atol=1e-5)
+    assert torch.allclose(t["eps"], unpack(x + (1 - sigma) * v), rtol=0, atol=1e-5)
 
 
 def test_distilled_guidance_is_a_per_row_input_even_in_lockstep(flux):
     folder, pipe = flux
     low, high = (generate(settings(folder, guidance_scale=g), pipe) for g in (1.0, 6.0))
     assert not torch.allclose(low.tensors["latents"][-1], high.tensors["latents"][-1], atol=1e-3)
-    assert np.abs(final_image(pipe, low) - diffusers_image(pipe, guidance_scale=1.0)).max() <= 2 / 255
+    assert_same_image(final_image(pipe, low), diffusers_image(pipe, guidance_scale=1.0))
     # two samplers with different guidance scales in one batched call: each row gets its own
     together = generate_many([settings(folder, "Euler", guidance_scale=1.0),
                               settings(folder, "DPM++ 2M", guidance_scale=6.0)], pipe)
@@ -119,7 +147,7 @@ def test_img2img_matches_diffusers_flux_img2img_pipeline(flux):
     reference.set_progress_bar_config(disable=True)
     theirs = reference(PROMPT, image=init_image(), strength=0.8, num_inference_steps=6, guidance_scale=3.5, height=32,
                        width=32, generator=torch.Generator().manual_seed(SEED), output_type="np").images[0]
-    assert np.abs(final_image(pipe, run) - theirs).max() <= 2 / 255
+    assert_same_image(final_image(pipe, run), theirs)
 
 
 def test_word_maps_read_the_double_stream_blocks_and_leave_the_image_untouched(flux):
@@ -141,7 +169,7 @@ def test_true_cfg_runs_a_negative_branch_as_flux_pipeline_does(flux, negative):
     reference.set_progress_bar_config(disable=True)
     theirs = reference(PROMPT, negative_prompt=negative, true_cfg_scale=4.0, guidance_scale=3.5, num_inference_steps=6,
                        height=32, width=32, generator=torch.Generator().manual_seed(SEED), output_type="np").images[0]
-    assert np.abs(final_image(pipe, run) - theirs).max() <= 2 / 255
+    assert_same_image(final_image(pipe, run), theirs)
     assert not torch.allclose(run.tensors["latents"][-1], generate(settings(folder), pipe).tensors["latents"][-1])
     parts = api.guidance_breakdown(run, 2)
     assert set(parts) == {"uncond", "cond", "guided", "added"} and parts["added"].max() > 0
@@ -157,7 +185,7 @@ def test_schnell_like_models_ignore_guidance_as_their_pipeline_does(schnell):
     folder, pipe = schnell
     runs = [generate(settings(folder, guidance_scale=g), pipe) for g in (1.0, 5.0)]
     assert torch.equal(runs[0].tensors["latents"], runs[1].tensors["latents"]) and runs[0].info.guidance == "none"
-    assert np.abs(final_image(pipe, runs[1]) - diffusers_image(pipe, guidance_scale=5.0)).max() <= 2 / 255
+    assert_same_image(final_image(pipe, runs[1]), diffusers_image(pipe, guidance_scale=5.0))
     assert "no guidance" in pipeline_stages(runs[0])
 
 

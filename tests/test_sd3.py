@@ -19,7 +19,8 @@ from visualizer.engine.models import ALIASES, ModelLoadError, load_pipeline, res
 from visualizer.engine.run import Run, Settings
 from visualizer.engine.samplers import FLOW_SAMPLERS, make_scheduler, valid_for
 
-from conftest import check_latent_colour_preview, check_taesd_lookup, tiny_family_model
+from conftest import (assert_same_image, check_latent_colour_preview, check_taesd_lookup, tiny_family_model,
+                      trace_diffusers)
 from test_img2img import init_image
 
 PROMPT = "a red circle on the left"
@@ -59,7 +60,8 @@ def diffusers_image(pipe, sampler, steps=6, prompt=PROMPT, negative=None, guidan
 
 
 def final_image(pipe, run) -> np.ndarray:
-    return vae_decode(pipe.vae, run.tensors["latents"][-1:])[0].astype(np.float32) / 255
+    """The run's final image as the app shows it: uint8, through the model's own VAE."""
+    return vae_decode(pipe.vae, run.tensors["latents"][-1:])[0]
 
 
 def test_flow_predictions_invert_the_straight_path():
@@ -75,7 +77,7 @@ def test_final_image_matches_diffusers_sd3_pipeline(sd3, sampler):
     run = generate(settings(folder, sampler), pipe)
     assert run.info.family == "sd3" and run.info.prediction_type == "flow_prediction" and len(run) == 6
     assert run.info.unet_evaluations == (11 if sampler == "Heun" else 6)
-    assert np.abs(final_image(pipe, run) - diffusers_image(pipe, sampler)).max() <= 2 / 255
+    assert_same_image(final_image(pipe, run), diffusers_image(pipe, sampler))
     # Step.sigma is the flow sigma in [0, 1]: pure noise at the first step, and x_t is the latents as they are
     first = run.steps[0]
     assert first.sigma == pytest.approx(1.0, abs=1e-3) and all(s.flow and 0 < s.sigma <= 1 for s in run.steps)
@@ -92,10 +94,36 @@ def test_euler_captures_the_schedulers_own_sigmas_and_x0_hat(sd3):
     assert [s.timestep for s in run.steps] == pytest.approx(scheduler.timesteps.tolist())
     # Euler's last step goes to sigma 0: x_final = x - sigma * v, which is that step's x0-hat
     assert torch.allclose(run.tensors["x0"][-1], run.tensors["latents"][-1], atol=1e-5)
-    # every step: x_t = (1 - sigma) * x0-hat + sigma * noise estimate, on the step's model input
-    sigma = torch.tensor([s.sigma for s in run.steps])[:, None, None, None]
+
+
+@pytest.mark.parametrize("sampler", list(REFERENCE_SCHEDULERS))
+def test_x_t_and_x0_hat_are_what_diffusers_sd3_pipeline_computes(sd3, sampler):
+    """x_t: the latents StableDiffusion3Pipeline hands its callback_on_step_end at the end of each step (steps as
+    conftest.trace_diffusers counts them; Heun: the callback after each step's correcting evaluation, and the last).
+    x0-hat: the schedulers' own prediction x0 = x - sigma * v (FlowMatchEuler's step is x + (sigma_next - sigma) v,
+    the flow solvers' x0 is sample - sigma_t * output), with v the guided velocity that diffusers' transformer returned
+    at the step's first evaluation in diffusers' own run (hooked): nothing of ours in the reference. The branches'
+    x0-hat and the noise estimate x + (1 - sigma) v likewise."""
+    folder, pipe = sd3
+    run = generate(settings(folder, sampler), pipe)
+    reference = StableDiffusion3Pipeline(**pipe.components)
+    reference.scheduler = REFERENCE_SCHEDULERS[sampler](pipe.scheduler.config) or pipe.scheduler
+    reference.set_progress_bar_config(disable=True)
+    theirs = trace_diffusers(reference, reference.transformer, prompt=PROMPT, num_inference_steps=6, guidance_scale=7.0,
+                             generator=torch.Generator().manual_seed(SEED), height=32, width=32, output_type="np")
+    assert theirs["evaluations"] == sum(s.evaluations for s in run.steps) == (11 if sampler == "Heun" else 6)
     t = run.tensors
-    assert torch.allclose((1 - sigma) * t["x0"] + sigma * t["eps"], t["x_in"], atol=1e-4)
+    assert theirs["latents"].shape == t["xt"].shape == (6, 16, 8, 8)
+    assert torch.allclose(t["xt"], theirs["latents"], rtol=0, atol=1e-5)
+    assert [s.sigma for s in run.steps] == pytest.approx(theirs["sigmas"].tolist(), rel=1e-6)
+    x, sigma = theirs["model_input"][:, 1], theirs["sigmas"][:, None, None, None]  # CFG batch: [negative, positive]
+    v_uncond, v_cond = theirs["model_output"].unbind(1)
+    v = v_uncond + 7.0 * (v_cond - v_uncond)
+    assert torch.allclose(t["x_in"], x, rtol=0, atol=1e-5)
+    assert torch.allclose(t["x0"], x - sigma * v, rtol=0, atol=1e-5)
+    assert torch.allclose(t["eps"], x + (1 - sigma) * v, rtol=0, atol=1e-5)
+    assert torch.allclose(t["x0_cond"], x - sigma * v_cond, rtol=0, atol=1e-5)
+    assert torch.allclose(t["x0_uncond"], x - sigma * v_uncond, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("prompt, negative, guidance", [(PROMPT, "blue square", 7.0), ("", "", 7.0), (PROMPT, "", 1.0)])
@@ -104,7 +132,7 @@ def test_negative_prompt_and_no_cfg_match_diffusers(sd3, prompt, negative, guida
     run = generate(settings(folder, prompt=prompt, negative_prompt=negative, guidance_scale=guidance), pipe)
     assert ("eps_cond" in run.tensors) == (guidance > 1)
     theirs = diffusers_image(pipe, "Euler", prompt=prompt, negative=negative or None, guidance_scale=guidance)
-    assert np.abs(final_image(pipe, run) - theirs).max() <= 2 / 255
+    assert_same_image(final_image(pipe, run), theirs)
 
 
 def test_lockstep_batch_equals_each_sampler_alone(sd3):
@@ -181,7 +209,7 @@ def test_img2img_matches_diffusers_sd3_img2img_pipeline(sd3, steps, strength):
     reference.set_progress_bar_config(disable=True)
     theirs = reference(PROMPT, image=init_image(), strength=strength, num_inference_steps=steps, guidance_scale=7.0,
                        generator=torch.Generator().manual_seed(SEED), output_type="np").images[0]
-    assert np.abs(final_image(pipe, run) - theirs).max() <= 2 / 255
+    assert_same_image(final_image(pipe, run), theirs)
     assert run.steps[0].sigma < 1 and run.tensors["init_latents"].shape == (1, 16, 8, 8)
 
 

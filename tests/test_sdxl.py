@@ -15,7 +15,7 @@ from visualizer.engine.models import ALIASES, ModelLoadError, family_of_referenc
 from visualizer.engine.run import Run, RunInfo, Settings
 from visualizer.engine.samplers import SAMPLERS
 
-from conftest import check_latent_colour_preview, tiny_family_model
+from conftest import assert_same_image, check_latent_colour_preview, tiny_family_model
 from test_img2img import init_image
 
 PROMPT = "a red circle on the left"
@@ -53,7 +53,8 @@ def diffusers_image(pipe, sampler, steps=6, prompt=PROMPT, negative=None, force_
 
 
 def final_image(pipe, run) -> np.ndarray:
-    return vae_decode(pipe.vae, run.tensors["latents"][-1:])[0].astype(np.float32) / 255
+    """The run's final image as the app shows it: uint8, through the model's own VAE."""
+    return vae_decode(pipe.vae, run.tensors["latents"][-1:])[0]
 
 
 @pytest.mark.parametrize("sampler", ["Euler", "Euler a", "DDIM", "DPM++ 2M", "DPM++ 2M Karras", "Heun", "UniPC",
@@ -62,7 +63,7 @@ def test_final_image_matches_diffusers_sdxl_pipeline(sdxl, sampler):
     folder, pipe = sdxl
     run = generate(settings(folder, sampler), pipe)
     assert run.info.family == "sdxl" and len(run) == 6
-    assert np.abs(final_image(pipe, run) - diffusers_image(pipe, sampler)).max() <= 2 / 255
+    assert_same_image(final_image(pipe, run), diffusers_image(pipe, sampler))
 
 
 @pytest.mark.parametrize("prompt, negative, force_zeros", [
@@ -76,7 +77,7 @@ def test_negative_branch_follows_force_zeros_for_empty_prompt_like_diffusers(sdx
     run = generate(settings(folder, prompt=prompt, negative_prompt=negative), model)
     assert run.info.zero_negative == (force_zeros and not negative)
     theirs = diffusers_image(pipe, "Euler", prompt=prompt, negative=negative or None, force_zeros=force_zeros)
-    assert np.abs(final_image(pipe, run) - theirs).max() <= 2 / 255
+    assert_same_image(final_image(pipe, run), theirs)
     stages = pipeline_stages(run)
     assert ("all-zero unconditional twin" in stages) == run.info.zero_negative
     assert run.info.zero_negative or f"from the {'negative' if negative else 'empty'} prompt" in stages
@@ -100,7 +101,7 @@ def test_img2img_matches_diffusers_sdxl_img2img_pipeline(sdxl, sampler):
     theirs = reference(pipe, sampler, StableDiffusionXLImg2ImgPipeline)(
         PROMPT, image=init_image(), strength=0.6, num_inference_steps=10, guidance_scale=7.5,
         generator=torch.Generator().manual_seed(SEED), output_type="np").images[0]
-    assert np.abs(final_image(pipe, run) - theirs).max() <= 2 / 255
+    assert_same_image(final_image(pipe, run), theirs)
 
 
 def test_api_run_end_to_end_saves_and_loads(sdxl, tmp_path):
