@@ -53,7 +53,7 @@ def test_every_sampler_captures_one_entry_per_step(tiny_model, tiny_pipe, sample
     evaluations = sum(s.evaluations for s in run.steps)
     scheduler = make_scheduler(sampler, tiny_pipe.scheduler.config)
     scheduler.set_timesteps(6)
-    assert evaluations == run.info.unet_evaluations == len(scheduler.timesteps)
+    assert evaluations == run.info.denoiser_evaluations == len(scheduler.timesteps)
     if sampler in TWO_EVALUATION_SAMPLERS:
         assert evaluations == 11  # 2N - 1: the last step is a single Euler step to sigma 0
     sigmas = [s.sigma for s in run.steps]
@@ -270,7 +270,7 @@ def test_lcm_checkpoints_take_guidance_as_an_input_and_show_each_of_their_steps(
     pipe = load_pipeline(str(tmp_path / "lcm"))
     runs = {g: generate(settings(str(tmp_path / "lcm"), "LCM", steps=4, guidance_scale=g), pipe) for g in (1.5, 8.0)}
     run = runs[8.0]
-    assert len(run) == 4 and run.info.unet_evaluations == 4 and len(run.steps) == 4
+    assert len(run) == 4 and run.info.denoiser_evaluations == 4 and len(run.steps) == 4
     assert "eps_cond" not in run.tensors and run.info.guidance == "distilled"
     assert not torch.allclose(run.tensors["latents"][-1], runs[1.5].tensors["latents"][-1], atol=1e-4)
     reference = swapped(pipe, LCMScheduler.from_config(pipe.scheduler.config))

@@ -12,6 +12,7 @@ from visualizer import api
 from visualizer.demo_model import scenes
 from visualizer.engine.models import EMBEDDED_MODEL_DIR
 from visualizer.engine.run import DEFAULTS
+from conftest import IMAGE_TOLERANCE
 
 
 def test_it_is_a_diffusers_sd_folder_under_25_mb():
@@ -30,7 +31,7 @@ def test_diffusers_loads_it_and_our_loop_matches_diffusers():
     theirs = pipe(prompt, num_inference_steps=10, guidance_scale=DEFAULTS["guidance_scale"],
                   generator=torch.Generator().manual_seed(0), output_type="np").images[0]
     ours = api.run(prompt, sampler="PNDM", num_inference_steps=10, seed=0).final_image
-    assert np.abs(ours / 255 - theirs).max() <= 2 / 255
+    assert np.abs(ours / 255 - theirs).max() <= IMAGE_TOLERANCE
 
 
 def test_it_draws_the_colour_shape_and_place_it_is_asked_for():

@@ -8,7 +8,8 @@ from diffusers import (DEISMultistepScheduler, DPMSolverMultistepScheduler, Flow
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from visualizer import api
-from visualizer.engine.decode import FLUX_LATENT_RGB, FLUX_LATENT_RGB_BIAS, vae_decode
+from visualizer.engine.decode import vae_decode
+from visualizer.engine.families import BY_KEY
 from visualizer.engine.denoise import generate, generate_many
 from visualizer.errors import SettingsError, UnknownSamplerError
 from visualizer.engine.families import family_of
@@ -219,21 +220,22 @@ def test_flux_samplers_and_what_flux_refuses(flux):
 
 def test_flux_previews_use_flux_latent_colours_and_taef1(flux, tmp_path, monkeypatch):
     _, pipe = flux
-    check_latent_colour_preview(pipe, FLUX_LATENT_RGB, FLUX_LATENT_RGB_BIAS)
+    check_latent_colour_preview(pipe, BY_KEY["flux"].latent_rgb_factors, BY_KEY["flux"].latent_rgb_bias)
     check_taesd_lookup("flux", "VISUALIZER_TAEF1", tmp_path / "taef1", monkeypatch)
 
 
 def test_the_apps_sampler_menu_for_a_flux_folder(flux, tmp_path):
     from visualizer.engine.models import family_of_reference
-    from visualizer.app.handlers import App, AppConfig
+    from visualizer.app.handlers import App
+    from visualizer.app.runs import AppConfig
 
     folder, _ = flux
     assert family_of_reference(folder).key == "flux"
     app = App(AppConfig(output_dir=tmp_path, example_dir=None))
-    menu = app.sampler_choices(folder, ["Euler", "Heun", "UniPC"])
+    menu = app.runs.sampler_choices(folder, ["Euler", "Heun", "UniPC"])
     assert menu["choices"] == valid_for("flux") and menu["value"] == ["Euler", "UniPC"]
-    assert "no CFG branch" in app.guidance_label(folder)["label"]
-    assert app.guidance_label("embedded")["label"] == "Guidance scale (CFG)"
+    assert "no CFG branch" in app.runs.guidance_label(folder)["label"]
+    assert app.runs.guidance_label("embedded")["label"] == "Guidance scale (CFG)"
 
 
 def test_flux_alias_and_the_dtype_auto_picks_per_family():
@@ -250,26 +252,28 @@ def test_flux_alias_and_the_dtype_auto_picks_per_family():
 
 
 def test_the_app_streams_a_flux_run_into_the_player(flux, tmp_path):
-    from visualizer.app.handlers import App, AppConfig
+    from visualizer.app.handlers import App
+    from visualizer.app.runs import AppConfig
 
     folder, _ = flux
     app = App(AppConfig(output_dir=tmp_path, example_dir=None))
-    updates = list(app.generate(PROMPT, "", SEED, 4, 3.5, "Euler", 32, 32, folder))
+    updates = list(app.generate_tab.generate(PROMPT, "", SEED, 4, 3.5, "Euler", 32, 32, folder))
     props, final, run_id, _, status, *_, stages = updates[-1]
     assert status.startswith("Done: 4 steps") and final.shape == (32, 32, 3)
     cell = props["cells"][0]
     assert len(cell["frames"]["x0"]) == len(cell["frames"]["latents"]) == 4 and cell["curve"]
     assert cell["steps"][0]["sigma"] == pytest.approx(1.0, abs=1e-3)  # flow sigma in [0, 1] on the schedule plot
     assert "(Flux)" in stages and "no unconditional branch" in stages
-    assert app.guidance(run_id, 2) == (None,) * 4  # no unconditional branch: the guidance panel stays empty
+    assert app.generate_tab.guidance(run_id, 2) == (None,) * 4  # no unconditional branch: the guidance panel stays empty
 
 
 def test_the_apps_true_cfg_gives_flux_a_guidance_breakdown(flux, tmp_path):
-    from visualizer.app.handlers import App, AppConfig
+    from visualizer.app.handlers import App
+    from visualizer.app.runs import AppConfig
 
     folder, _ = flux
     app = App(AppConfig(output_dir=tmp_path, example_dir=None))
-    *_, last = app.generate(PROMPT, "blue square", SEED, 4, 3.5, "Euler", 32, 32, folder, None, None, False, 4.0)
-    run = app.store.get(last[2])[0]
+    *_, last = app.generate_tab.generate(PROMPT, "blue square", SEED, 4, 3.5, "Euler", 32, 32, folder, None, None, False, 4.0)
+    run = app.runs.store.get(last.run_id)[0]
     assert run.settings.true_cfg_scale == 4.0 and "eps_cond" in run.tensors
-    assert all(image is not None for image in app.guidance(last[2], 2))  # the four panels, filled
+    assert all(image is not None for image in app.generate_tab.guidance(last.run_id, 2))  # the four panels, filled

@@ -10,7 +10,8 @@ from diffusers import (DEISMultistepScheduler, DPMSolverMultistepScheduler, Flow
                        FlowMatchHeunDiscreteScheduler, StableDiffusion3Pipeline, UniPCMultistepScheduler)
 
 from visualizer import api
-from visualizer.engine.decode import SD3_LATENT_RGB, SD3_LATENT_RGB_BIAS, vae_decode
+from visualizer.engine.decode import vae_decode
+from visualizer.engine.families import BY_KEY
 from visualizer.engine.denoise import generate, generate_many, predictions
 from visualizer.errors import SettingsError, UnknownSamplerError
 from visualizer.engine.families import family_of
@@ -76,7 +77,7 @@ def test_final_image_matches_diffusers_sd3_pipeline(sd3, sampler):
     folder, pipe = sd3
     run = generate(settings(folder, sampler), pipe)
     assert run.info.family == "sd3" and run.info.prediction_type == "flow_prediction" and len(run) == 6
-    assert run.info.unet_evaluations == (11 if sampler == "Heun" else 6)
+    assert run.info.denoiser_evaluations == (11 if sampler == "Heun" else 6)
     assert_same_image(final_image(pipe, run), diffusers_image(pipe, sampler))
     # Step.sigma is the flow sigma in [0, 1]: pure noise at the first step, and x_t is the latents as they are
     first = run.steps[0]
@@ -227,23 +228,24 @@ def test_sd3_alias_folder_and_layouts(sd3, tmp_path):
 
 def test_sd3_previews_use_sd3_latent_colours_and_taesd3(sd3, tmp_path, monkeypatch):
     _, pipe = sd3
-    assert len(SD3_LATENT_RGB) == 16
-    check_latent_colour_preview(pipe, SD3_LATENT_RGB, SD3_LATENT_RGB_BIAS)
+    assert len(BY_KEY["sd3"].latent_rgb_factors) == 16
+    check_latent_colour_preview(pipe, BY_KEY["sd3"].latent_rgb_factors, BY_KEY["sd3"].latent_rgb_bias)
     check_taesd_lookup("sd3", "VISUALIZER_TAESD3", tmp_path / "taesd3", monkeypatch)
 
 
 def test_the_apps_sampler_menus_offer_only_the_samplers_that_fit_the_model(sd3, tmp_path):
     from visualizer.engine.models import family_of_reference
     from visualizer.engine.samplers import valid_for
-    from visualizer.app.handlers import App, AppConfig
+    from visualizer.app.handlers import App
+    from visualizer.app.runs import AppConfig
 
     folder, _ = sd3
     assert family_of_reference(folder).key == "sd3" and family_of_reference("sd3.5-medium").key == "sd3"
     app = App(AppConfig(output_dir=tmp_path, example_dir=None))
-    menu = app.sampler_choices(folder, "DDIM")  # DDIM does not fit a flow model: the menu falls back to Euler
+    menu = app.runs.sampler_choices(folder, "DDIM")  # DDIM does not fit a flow model: the menu falls back to Euler
     assert menu["choices"] == valid_for("flow") and menu["value"] == "Euler"
-    grid = app.sampler_choices(folder, ["Euler", "DDIM", "Heun"])
+    grid = app.runs.sampler_choices(folder, ["Euler", "DDIM", "Heun"])
     assert grid["value"] == ["Euler", "Heun"]
-    back = app.sampler_choices("embedded", "Heun")  # back to an SD model: all 15, the pick kept
+    back = app.runs.sampler_choices("embedded", "Heun")  # back to an SD model: all 15, the pick kept
     assert len(back["choices"]) == 15 and back["value"] == "Heun"
-    assert app.sampler_choices("/no/such/folder", "Euler") == {"__type__": "update"}  # gr.skip(): left as it is
+    assert app.runs.sampler_choices("/no/such/folder", "Euler") == {"__type__": "update"}  # gr.skip(): left as it is

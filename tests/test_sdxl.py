@@ -8,7 +8,8 @@ import torch
 from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
 from visualizer import api
-from visualizer.engine.decode import SDXL_LATENT_RGB, SDXL_LATENT_RGB_BIAS, vae_decode
+from visualizer.engine.decode import vae_decode
+from visualizer.engine.families import BY_KEY
 from visualizer.engine.denoise import generate, generate_many
 from visualizer.analysis.stages import pipeline_stages
 from visualizer.engine.models import ALIASES, ModelLoadError, family_of_reference, load_pipeline, resolve
@@ -125,7 +126,7 @@ def test_bundles_written_before_sdxl_load_as_sd():
 
 def test_sdxl_previews_use_sdxl_latent_colours(sdxl):
     _, pipe = sdxl
-    check_latent_colour_preview(pipe, SDXL_LATENT_RGB, SDXL_LATENT_RGB_BIAS)
+    check_latent_colour_preview(pipe, BY_KEY["sdxl"].latent_rgb_factors, BY_KEY["sdxl"].latent_rgb_bias)
 
 
 def test_taesdxl_is_looked_up_separately(sdxl, tmp_path, monkeypatch):

@@ -23,12 +23,7 @@ import torch
 
 from .families import BY_KEY, family_of
 
-# each family's latent -> RGB factors and bias and its TAESD are its adapter's (families.py); these names of the
-# factors are kept for the tests that import them (test_sdxl, test_sd3, test_flux)
-SD15_LATENT_RGB = BY_KEY["sd"].latent_rgb_factors
-SDXL_LATENT_RGB, SDXL_LATENT_RGB_BIAS = BY_KEY["sdxl"].latent_rgb_factors, BY_KEY["sdxl"].latent_rgb_bias
-SD3_LATENT_RGB, SD3_LATENT_RGB_BIAS = BY_KEY["sd3"].latent_rgb_factors, BY_KEY["sd3"].latent_rgb_bias
-FLUX_LATENT_RGB, FLUX_LATENT_RGB_BIAS = BY_KEY["flux"].latent_rgb_factors, BY_KEY["flux"].latent_rgb_bias
+# each family's latent -> RGB factors and bias and its TAESD are its adapter's (families.py)
 LATENT_RGB_FILE = "latent_rgb.json"  # optional, in a model folder: {"factors": channels x 3, "bias": 3}
 # On a CPU, batching VAE decodes pays up to about this many output pixels per batch; beyond it a batch is
 # slower per frame than one frame at a time (measured: SD 1.5 VAE at 256x256, 2.5 s per frame alone,

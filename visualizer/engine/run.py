@@ -219,11 +219,6 @@ class RunInfo:
     def truncated(self) -> bool:
         return bool(self.dropped_text)
 
-    @property
-    def unet_evaluations(self) -> int:
-        """The old name of denoiser_evaluations, for code not yet renamed (read only)."""
-        return self.denoiser_evaluations
-
     @classmethod
     def from_dict(cls, data: dict) -> "RunInfo":
         """From run.json's info (either format version, and old keys: RENAMED); unknown keys are ignored."""
