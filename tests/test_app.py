@@ -211,3 +211,25 @@ def test_the_documented_gradio_client_example_prints_real_values(app, capsys):
     assert run_id and done == "Done:" and " 25 " in printed[0] and printed[0].endswith(".png")
     assert printed[1].startswith("Step 5 of 25") and printed[1].endswith(".png")
     assert printed[2].startswith("['Euler', 'DDIM', 'Heun'] Done: 3 samplers")
+
+
+@pytest.mark.parametrize("endpoint, args, words", [
+    ("/grid_frame", (50, "/../../../../tmp/escaped"), "Unknown view"),
+    ("/grid_frame", (150, "xt"), "progress must be"),
+    ("/grid_frame", ("50", "xt"), "progress must be"),
+    ("/frame", (0, "xt"), "step must be a whole number from 1 to 3"),
+    ("/frame", (4, "xt"), "step must be a whole number from 1 to 3"),
+    ("/frame", (2, "../../x"), "Unknown view"),
+    ("/insight", (99,), "step must be"),
+    ("/download", ("exe",), "Unknown export format"),
+    ("/download_grid", ("exe",), "Unknown grid export format"),
+])
+def test_bad_api_input_gets_a_message_and_writes_nothing_outside(client, tiny_model, app, endpoint, args, words):
+    from gradio_client.exceptions import AppError
+
+    run_id = generate(client, tiny_model, steps=3)["run_id"]
+    before = set(Path("/tmp").iterdir())
+    with pytest.raises(AppError, match=words):
+        client.predict(run_id, *args, api_name=endpoint)
+    assert not [p for p in set(Path("/tmp").iterdir()) - before if "escaped" in p.name]
+    assert "Traceback" not in app[2].read_text()

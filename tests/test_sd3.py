@@ -13,7 +13,7 @@ from visualizer import api
 from visualizer.engine.decode import vae_decode
 from visualizer.engine.families import BY_KEY
 from visualizer.engine.denoise import generate, generate_many, predictions
-from visualizer.errors import SettingsError, UnknownSamplerError
+from visualizer.errors import UnknownSamplerError
 from visualizer.engine.families import family_of
 from visualizer.analysis.stages import pipeline_stages, step_numbers
 from visualizer.engine.models import ALIASES, ModelLoadError, load_pipeline, resolve

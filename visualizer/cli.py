@@ -12,9 +12,10 @@ from tqdm import tqdm
 from .errors import SettingsError, VisualizerError, user_message
 from .engine.models import ALIASES, DTYPE_CHOICES, EMBEDDED, LoadOptions, configure
 from .engine.run import DEFAULTS, Settings
+from .media.export import RUN_FORMATS
 from .toy.model import PATTERNS, TOY_DEFAULTS
 
-FORMATS = ("gif", "mp4", "webp", "zip", "sheet")
+FORMATS = RUN_FORMATS
 
 
 class _Parser(argparse.ArgumentParser):

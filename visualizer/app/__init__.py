@@ -1,0 +1,1 @@
+"""The Gradio app: one builder and one handler module per tab, the public API (endpoints), the in-page player."""

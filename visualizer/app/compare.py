@@ -11,11 +11,10 @@ from .. import api
 from ..engine.samplers import DEFAULT_SAMPLER
 from ..errors import VisualizerError, user_message
 from ..media import views
-from ..media.export import export_grid
+from ..media.export import GRID_FORMATS, export_grid
 from .runs import Runs, UserError
 
 MAX_COMPARED_SAMPLERS = 8
-MAX_COMPARED_MODELS = 4
 
 
 class CompareOutputs(NamedTuple):
@@ -57,6 +56,8 @@ class CompareTab:
 
     def download_grid(self, run_id, fmt) -> str:
         """Write one export of the stored comparison (grid GIF / MP4, final images PNG); return the path."""
+        if fmt not in GRID_FORMATS:
+            raise UserError(f"Unknown grid export format {fmt!r}: choose one of {', '.join(GRID_FORMATS)}.")
         runs = self.runs.get(run_id)
         try:
             return str(export_grid(runs, self.runs.store.folder(run_id), [fmt])[fmt])

@@ -1,8 +1,8 @@
 """The app's public API for gradio_client users, declared with `gr.api`: typed functions returning plain JSON.
 
 Images come back as files (gradio_client downloads them and hands back a local path); every other value is a
-number, a string or a list. A run is named by the `run_id` that /generate and /compare return, so every endpoint
-is stateless. Steps are 1-based as everywhere else; position 0 is not addressed here (the initial noise is a
+number, a string or a list. A run is named by the `run_id` that /generate and /compare return (no session state, but for
+/stop, which stops the calling client's own run). Steps are 1-based as everywhere else; position 0 is not addressed here (the initial noise is a
 view of the player and the exports). The page's own events are private: this is the one public surface.
 
     from gradio_client import Client
@@ -10,8 +10,8 @@ view of the player and the exports). The page's own events are private: this is 
     result = c.predict("a red circle", api_name="/generate")        # the finished run (c.submit streams)
     image, label = c.predict(result["run_id"], 5, "x0", api_name="/frame")
 """
-from __future__ import annotations
-
+import math
+from collections import deque
 from pathlib import Path
 
 import gradio as gr
@@ -27,15 +27,32 @@ from ..media import views
 from ..media.export import upscale
 from .compare import CompareTab
 from .generate import GUIDANCE_PARTS, GenerateTab
-from .runs import Runs, UserError, step_index
+from .runs import Runs, UserError
 
 _D = DEFAULTS
+KEPT_MAPS = 32  # /map_seeds pictures kept under the output folder; older ones are deleted
 
 
-def _file(path: Path, image: np.ndarray) -> FileData:
+def _file(path: Path, image: np.ndarray) -> dict:
+    """Save `image` at `path` and return it as a file for the client (Gradio copies it into its cache)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.asarray(image)).save(path)
-    return FileData(path=str(path))
+    return FileData(path=str(path)).model_dump()
+
+
+def _step(run, step) -> int:
+    """A 1-based step of `run` from a caller, as a 0-based index; UserError unless it is a whole step of the run."""
+    if isinstance(step, bool) or not isinstance(step, int) or not 1 <= step <= len(run):
+        raise UserError(f"step must be a whole number from 1 to {len(run)}, got {step!r}.")
+    return step - 1
+
+
+def _view(view, allowed) -> str:
+    """A view key (or its menu label) among `allowed`, or a UserError naming them."""
+    key = views.VIEWS.get(view, view) if isinstance(view, str) else view
+    if key not in allowed:
+        raise UserError(f"Unknown view {view!r}: choose one of {', '.join(allowed)}.")
+    return key
 
 
 class Endpoints:
@@ -43,6 +60,7 @@ class Endpoints:
 
     def __init__(self, runs: Runs, generate_tab: GenerateTab, compare_tab: CompareTab):
         self.runs, self.generate_tab, self.compare_tab = runs, generate_tab, compare_tab
+        self._maps: deque[Path] = deque()
 
     def register(self, concurrency: dict) -> None:
         """Declare every endpoint; `concurrency` (concurrency_id, concurrency_limit) goes to those that run the
@@ -95,28 +113,33 @@ class Endpoints:
                    "grid_image": _file(self._folder(out.run_id) / "grid.png", out.grid_image)}
 
     def frame(self, run_id: str, step: int, view: str = "xt") -> tuple[FileData, str]:
-        """The image of a step (1-based) in a view (xt, x0, both, latents, noise, change, forward) and its line."""
+        """The image of a step (1-based) in a view (xt, x0, both, latents, noise, forward, map) and its line."""
         run = self.runs.get(run_id)[0]
-        index = step_index(run, step)
-        key = views.VIEWS.get(view, view)
+        index = _step(run, step)
+        key = _view(view, tuple(views.VIEWS.values()))
         try:
             image = views.frame(run, index, key)
         except ValueError as error:
             raise UserError(str(error)) from None
         return _file(self._folder(run_id) / f"frame-{key}-{index + 1:04d}.png", image), views.describe(run, index)
 
-    def grid_frame(self, run_id: str, progress: float = 100.0, view: str = "xt") -> FileData:
-        """The comparison at `progress` percent through every run's own schedule, one labelled cell each."""
+    def grid_frame(self, run_id: str, progress: int = 100, view: str = "xt") -> FileData:
+        """The comparison at `progress` percent (a whole number, 1 to 100) through every run's own schedule, one
+        labelled cell each; view xt or x0."""
         runs = self.runs.get(run_id)
-        key = views.VIEWS.get(view, view)
-        image = views.grid_frame(runs, max(1.0, float(progress)) / 100, key)
-        return _file(self._folder(run_id) / f"grid-{key}-{progress:g}.png", image)
+        key = _view(view, ("xt", "x0"))
+        if not isinstance(progress, (int, float)) or isinstance(progress, bool) or not math.isfinite(progress) \
+                or not 1 <= progress <= 100:
+            raise UserError(f"progress must be a number from 1 to 100 (percent), got {progress!r}.")
+        percent = round(progress)
+        image = views.grid_frame(runs, percent / 100, key)
+        return _file(self._folder(run_id) / f"grid-{key}-{percent:03d}.png", image)
 
     def insight(self, run_id: str, step: int) -> dict:
         """Every insight panel of a step: {convergence, schedule, change (files), numbers (markdown),
         guidance: {uncond, cond, added, guided} (files, or None without CFG)}."""
         run = self.runs.get(run_id)[0]
-        index = step_index(run, step)
+        index = _step(run, step)
         folder = self._folder(run_id) / f"insight-{index + 1:04d}"
         guidance = self.generate_tab.guidance(run_id, index + 1)
         return {
@@ -140,15 +163,19 @@ class Endpoints:
         picture, summary = self.generate_tab.map_seeds(prompt, negative_prompt, seed, num_inference_steps,
                                                        guidance_scale, sampler, model, count)
         path = self.runs.config.output_dir / "maps" / f"{self.runs.store.new_id()}.png"
-        return {"image": _file(path, np.asarray(picture)), "summary": summary}
+        image = _file(path, np.asarray(picture))
+        self._maps.append(path)
+        while len(self._maps) > KEPT_MAPS:
+            self._maps.popleft().unlink(missing_ok=True)
+        return {"image": image, "summary": summary}
 
     def download(self, run_id: str, format: str = "gif", view: str = "xt") -> FileData:
         """One export of a run: gif, mp4, webp, zip (frames), sheet, or run (the saved run, zipped)."""
-        return FileData(path=self.generate_tab.download(run_id, format, view))
+        return FileData(path=self.generate_tab.download(run_id, format, view)).model_dump()
 
     def download_grid(self, run_id: str, format: str = "gif") -> FileData:
-        """One export of a comparison: gif, mp4 (the grid animated) or png (the final images)."""
-        return FileData(path=self.compare_tab.download_grid(run_id, format))
+        """One export of a comparison: gif, mp4, webp (the grid animated) or png (the final images)."""
+        return FileData(path=self.compare_tab.download_grid(run_id, format)).model_dump()
 
     def stop(self, request: gr.Request = None) -> None:
         """Stop this client's running /generate or /compare after the current step (what it computed stays)."""

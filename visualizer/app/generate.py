@@ -13,7 +13,7 @@ from ..analysis import image_map
 from ..analysis.stages import pipeline_stages
 from ..errors import SettingsError
 from ..media import views
-from ..media.export import export_run, upscale
+from ..media.export import RUN_FORMATS, export_run, upscale
 from .runs import Runs, UserError, player_props, step_index, steps_table, user_error, vocabulary_notice
 
 MAX_MAP_SEEDS = 16  # seeds one image-space map draws at once
@@ -112,6 +112,8 @@ class GenerateTab:
 
     def download(self, run_id, fmt, view_label) -> str:
         """Write one export of the stored run into its folder under the output dir; return the path."""
+        if fmt not in (*RUN_FORMATS, "run"):
+            raise UserError(f"Unknown export format {fmt!r}: choose one of {', '.join((*RUN_FORMATS, 'run'))}.")
         runs = self.runs.get(run_id)
         folder = self.runs.store.folder(run_id)
         view = views.VIEWS.get(view_label, view_label)

@@ -1,7 +1,8 @@
 """The Gradio layout: one builder per tab (its components, then its wiring), and the public API beside them.
 
-Plain functions (the tab handlers) first, then `with gr.Blocks()` layout, then wiring. Every event that runs the
-model shares one concurrency id, so runs queue instead of fighting over it. The player (player.py) holds the
+The handlers are plain methods of the tab modules (generate.py, compare.py, playground.py); each builder lays out
+its tab and then wires it. Every event that runs the model shares one concurrency id, so runs queue instead of
+fighting over it. The player (player.py) holds the
 frames in the page. The page's own events are private; gradio_client users call the typed endpoints of
 endpoints.py.
 """
@@ -69,7 +70,7 @@ PAGE = dict(api_visibility="private")  # the page's own events: not part of the 
 
 
 class SettingsControls(NamedTuple):
-    """The settings both image tabs share, in the order their handlers take them after the prompt."""
+    """The settings both image tabs share."""
     negative: gr.Textbox
     seed: gr.Number
     steps: gr.Slider
@@ -287,5 +288,4 @@ def build(config: AppConfig) -> gr.Blocks:
             _playground_tab(app)
         demo.load(lambda rid: app.generate_tab.guidance(rid, None), run_id, guidance_images, show_progress="hidden",
                   **PAGE)
-    demo.app_state = app  # for tests and the launcher
     return demo

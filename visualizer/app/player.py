@@ -17,7 +17,7 @@ Props (all plain JSON; `PlayerProps` and `PlayerCell` below are their one type):
 - `view`: a view to switch to when it changes (a stopped run shows x0-hat, its best guess so far)
 - a cell may also hold `start: true` (its first position is the initial noise, before step 1, as index 0 of
   `steps`) and `trace`: the URL of {size, points: [[[x, y] per point] per position]} in frame pixels; clicking
-  a frame then traces the nearest point's path in every cell (2D runs: toy_render.trace)
+  a frame then traces the nearest point's path in every cell (2D runs: toy/render.py, trace)
 - `tabs`: the insight tabs to offer (default: all)
 - `panel`: the elem_id of a server-side panel that follows the step the person settles on (or null)
 - `value`: that step, sent to Python only while the panel is on screen: scrubbing makes no requests

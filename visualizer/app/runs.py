@@ -283,6 +283,8 @@ class Runs:
         """The stored runs of `run_id` (frames re-decoded if they were dropped), or a UserError."""
         if not run_id:
             raise UserError("No finished run yet: press Generate, or wait for the run in progress to finish.")
+        if not isinstance(run_id, str):
+            raise UserError(f"A run id is text, as /generate and /compare return it; got {type(run_id).__name__}.")
         try:
             return self.store.get(run_id, redecode=self.engine.redecode)
         except VisualizerError as error:

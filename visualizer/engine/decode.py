@@ -275,10 +275,15 @@ class StreamingDecoder:
 
 
 def decode_run(run, vae, kinds: tuple[str, ...] = ("xt", "x0"), batch_size: int | None = None) -> None:
-    """Decode every step of `run` for each kind in place (run.frames) and set run.final_image."""
+    """Decode every step of `run` for each kind in place (run.frames) and set run.final_image. The last x_t (the
+    final image) is decoded alone, as the run's own decoder and diffusers' pipeline decode it: a batch can round
+    differently on some CPUs."""
     for kind in kinds:
         if kind not in run.frames or len(run.frames[kind]) != len(run):
-            run.frames[kind] = list(vae_decode(vae, run.tensors[kind], batch_size))
+            latents = run.tensors[kind]
+            alone = 1 if kind == "xt" and len(run) else 0
+            run.frames[kind] = (list(vae_decode(vae, latents[:len(latents) - alone], batch_size)) if len(latents) > alone
+                                else []) + (list(vae_decode(vae, latents[-1:])) if alone else [])
     if len(run) and not run.info.stopped:
         run.final_image = run.frames["xt"][-1] if "xt" in run.frames else vae_decode(vae, run.tensors["latents"][-1:])[0]
 

@@ -154,6 +154,8 @@ def view_frames(run, view: str = "xt") -> list[np.ndarray]:
 
 
 ANIMATIONS = {"gif": ("denoising.gif", save_gif), "mp4": ("denoising.mp4", save_mp4), "webp": ("denoising.webp", save_webp)}
+RUN_FORMATS = (*ANIMATIONS, "zip", "sheet")  # what export_run writes
+GRID_FORMATS = ("png", *ANIMATIONS)  # what export_grid writes
 
 
 def export_run(run, folder: str | Path, formats: Sequence[str] = ("gif",), view: str = "xt", fps: float = 8,
@@ -175,7 +177,7 @@ def export_run(run, folder: str | Path, formats: Sequence[str] = ("gif",), view:
     if "sheet" in formats:
         written["sheet"] = folder / "sheet.png"
         contact_sheet(frames, labels).save(written["sheet"])
-    unknown = set(formats) - set(ANIMATIONS) - {"zip", "sheet"}
+    unknown = set(formats) - set(RUN_FORMATS)
     if unknown:
         raise ValueError(f"Unknown export format(s): {', '.join(sorted(unknown))}.")
     return written
@@ -185,6 +187,9 @@ def export_grid(runs, folder: str | Path, formats: Sequence[str] = ("png", "gif"
                 fps: float = 8, columns: int | None = None) -> dict[str, Path]:
     """Comparison exports (samplers, or models): grid.png (final images, labelled) and grid.gif / grid.mp4 (aligned
     animation)."""
+    unknown = set(formats) - set(GRID_FORMATS)
+    if unknown:
+        raise ValueError(f"Unknown grid export format(s): {', '.join(sorted(unknown))}.")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     columns = columns or min(4, len(runs))
@@ -194,7 +199,7 @@ def export_grid(runs, folder: str | Path, formats: Sequence[str] = ("png", "gif"
         finals = [upscale(view_frames(r, view)[-1]) for r in runs]
         written["png"] = folder / "grid.png"
         grid(finals, names, columns).save(written["png"])
-    animations = [f for f in formats if f in ("gif", "mp4", "webp")]
+    animations = [f for f in formats if f in ANIMATIONS]
     if animations:
         labels = [[f"{name} · {step_label(s, len(r))}" for s in r.steps] for r, name in zip(runs, names)]
         images = grid_frames([view_frames(r, view) for r in runs], labels, columns)
