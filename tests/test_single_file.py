@@ -234,13 +234,17 @@ def sdxl(tmp_path_factory) -> tuple[str, str]:
 
 
 def same_run(folder: str, checkpoint: str) -> None:
-    """The checkpoint, loaded by path, gives exactly the folder's run: every step's latents and the final image."""
+    """The checkpoint, loaded by path, holds exactly the folder's weights, and gives the folder's run: every step's
+    latents and the final image. Bit for bit for SD; for SDXL, SD 3 and Flux (measured with today's diffusers and
+    transformers) the same weights give latents up to about 1e-5 apart, float rounding of the loaded modules, so
+    latents are compared within 1e-4 and images within one level of 255."""
+    assert_same_weights(folder, checkpoint)
     runs = [api.run(Settings(prompt="a red circle on the left", model=model, num_inference_steps=3), frames=("x0",))
             for model in (folder, checkpoint)]
     assert runs[1].info.model_source == checkpoint
-    assert torch.equal(runs[0].tensors["latents"], runs[1].tensors["latents"])
-    assert np.array_equal(runs[0].final_image, runs[1].final_image)
-    assert np.array_equal(runs[0].frames["x0"][-1], runs[1].frames["x0"][-1])
+    assert torch.allclose(runs[0].tensors["latents"], runs[1].tensors["latents"], rtol=0, atol=1e-4)
+    assert np.abs(runs[0].final_image.astype(int) - runs[1].final_image).max() <= 1
+    assert np.abs(runs[0].frames["x0"][-1].astype(int) - runs[1].frames["x0"][-1]).max() <= 1
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
@@ -359,11 +363,23 @@ def test_bf16_on_cpu_runs_the_loop_and_offload_says_it_does_nothing(tiny_model, 
     assert load_pipeline(tiny_model, torch.device("cpu")) is not pipe  # the options are part of the cache key
 
 
+def assert_same_weights(folder: str, checkpoint: str) -> None:
+    """Every module of the checkpoint's pipeline holds the folder's weights, bit for bit."""
+    pipes = [load_pipeline(model) for model in (folder, checkpoint)]
+    for name, module in pipes[0].components.items():
+        if isinstance(module, torch.nn.Module):
+            theirs = getattr(pipes[1], name).state_dict()
+            assert module.state_dict().keys() == theirs.keys(), name
+            assert all(torch.equal(value, theirs[key]) for key, value in module.state_dict().items()), name
+
+
 def same_latents(folder: str, checkpoint: str) -> None:
-    """The checkpoint's pipeline gives exactly the folder's run (every step's latents)."""
+    """The checkpoint's pipeline holds the folder's weights and gives the folder's run: every step's latents
+    within 1e-4 (float rounding of the loaded modules: see same_run)."""
+    assert_same_weights(folder, checkpoint)
     runs = [generate(Settings(prompt="a red circle on the left", model=model, num_inference_steps=4, seed=7, width=32,
                               height=32).validate(), load_pipeline(model)) for model in (folder, checkpoint)]
-    assert torch.equal(runs[0].tensors["latents"], runs[1].tensors["latents"])
+    assert torch.allclose(runs[0].tensors["latents"], runs[1].tensors["latents"], rtol=0, atol=1e-4)
 
 
 def sd3_text_encoders(pipe) -> dict:
