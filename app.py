@@ -20,11 +20,11 @@ def is_loopback(host: str) -> bool:
 def main(argv=None) -> None:
     from visualizer.cli import add_load_options, load_options
     from visualizer.errors import ModelLoadError
-    from visualizer.engine.models import LoadOptions, configure
+    from visualizer.engine.models import ALIASES, EMBEDDED, EMBEDDED_NAMES, LoadOptions, configure
 
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default="embedded",
-                        help="default model: embedded, sd15, sd21, sd-turbo, sdxl, sdxl-turbo, sd3.5-medium, flux-schnell, a folder, "
+    parser.add_argument("--model", default=EMBEDDED,
+                        help=f"default model: {', '.join((*EMBEDDED_NAMES, *ALIASES))}, a folder, "
                              "a checkpoint file (.safetensors, .ckpt, .pt) or hub id")
     add_load_options(parser)
     parser.add_argument("--host", default="127.0.0.1")

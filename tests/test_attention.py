@@ -13,12 +13,12 @@ from visualizer.engine.run import Run, Settings
 
 
 def shape_word_centroid(prompt: str, word: str = "circle") -> tuple[float, float]:
-    run = api.run(Settings(prompt=prompt, attention=True, seed=0))
+    run = api.run(Settings(prompt=prompt, attention=True, seed=0, model="shapes"))
     return centroid(run.tensors["attention"][-1, run.info.attention["tokens"].index(word)])
 
 
 def test_the_shape_word_sits_where_the_prompt_puts_it():
-    """On the embedded model (which places shapes where it is told), the shape word's combined map at the
+    """On the shapes model (which places shapes where it is told), the shape word's combined map at the
     last step has its mass on the asked side of each pair (measured: x 0.36 vs 0.64, y 0.40 vs 0.58)."""
     left, right = (shape_word_centroid(f"a large red circle on the {side}") for side in ("left", "right"))
     top, bottom = (shape_word_centroid(f"a large red circle on the {side}") for side in ("top", "bottom"))

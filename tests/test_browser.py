@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from test_app import launch
+from visualizer.demo_model import emoji
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SHOTS = Path(os.environ.get("SCREENSHOT_DIR", "")) if os.environ.get("SCREENSHOT_DIR") else None
@@ -105,6 +106,7 @@ def test_the_page_opens_with_a_run_to_scrub_before_any_click(server, browser):
     page = open_page(browser, server)
     player = Player(page)
     assert player.label().startswith("Step 25 of 25") and "Example:" in player.status()
+    assert re.search(r"Example: “(.+?)”", player.status()).group(1) in emoji.captions()  # a run of the emoji model
     last = player.srcs()[0]
     page.keyboard.press("Tab")  # no click anywhere: keyboard only
     player.range.focus()
@@ -271,8 +273,8 @@ def test_settings_downloads_and_forward_noising(server, browser, tmp_path):
     page.locator("#randomize").click()
     page.wait_for_function(f"document.querySelector('#randomize').parentElement.querySelector('input').value "
                            f"!== {before!r}", timeout=5000)
-    page.get_by_text("a yellow triangle on the top", exact=True).click()  # an example fills the prompt
-    page.wait_for_function("document.querySelector('#prompt textarea').value === 'a yellow triangle on the top'",
+    page.get_by_text("rocket", exact=True).click()  # an example fills the prompt
+    page.wait_for_function("document.querySelector('#prompt textarea').value === 'rocket'",
                            timeout=5000)
     page.locator("#generate").click()
     player.wait_status("Done: 25 steps")

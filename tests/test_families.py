@@ -46,14 +46,6 @@ def test_the_stages_of_an_example_bundle_come_from_its_family():
     assert stages[3].startswith(f"4. **{family.denoiser_heading}: {len(run)} evaluations for {len(run)} steps")
 
 
-@pytest.mark.parametrize("example", sorted(p.name for p in EXAMPLES.iterdir() if (p / "run.json").exists()))
-def test_shipped_bundles_with_the_old_key_still_load(example):
-    saved = json.loads((EXAMPLES / example / "run.json").read_text())["info"]
-    assert "unet_evaluations" in saved and "denoiser_evaluations" not in saved  # as shipped
-    info = Run.load(EXAMPLES / example).info
-    assert info.denoiser_evaluations == saved["unet_evaluations"] > 0
-
-
 def test_a_run_saved_with_the_old_key_loads_its_denoiser_evaluations(tiny_model, tmp_path):
     run = api.run("a red circle", model=tiny_model, sampler="Heun", num_inference_steps=2, seed=1)
     assert run.info.denoiser_evaluations == 3  # Heun: 2N - 1

@@ -235,7 +235,7 @@ def test_the_apps_sampler_menu_for_a_flux_folder(flux, tmp_path):
     menu = app.runs.sampler_choices(folder, ["Euler", "Heun", "UniPC"])
     assert menu["choices"] == valid_for("flux") and menu["value"] == ["Euler", "UniPC"]
     assert "no CFG branch" in app.runs.guidance_label(folder)["label"]
-    assert app.runs.guidance_label("embedded")["label"] == "Guidance scale (CFG)"
+    assert app.runs.guidance_label("embedded")["label"] == "Guidance scale (CFG; 1 = off)"
 
 
 def test_flux_alias_and_the_dtype_auto_picks_per_family():
@@ -264,7 +264,8 @@ def test_the_app_streams_a_flux_run_into_the_player(flux, tmp_path):
     assert len(cell["frames"]["x0"]) == len(cell["frames"]["latents"]) == 4 and cell["curve"]
     assert cell["steps"][0]["sigma"] == pytest.approx(1.0, abs=1e-3)  # flow sigma in [0, 1] on the schedule plot
     assert "(Flux)" in stages and "no unconditional branch" in stages
-    assert app.generate_tab.guidance(run_id, 2) == (None,) * 4  # no unconditional branch: the guidance panel stays empty
+    panel = app.generate_tab.guidance(run_id, 2)
+    assert panel[:4] == (None,) * 4 and "input of the model" in panel.note  # no unconditional branch: no images
 
 
 def test_the_apps_true_cfg_gives_flux_a_guidance_breakdown(flux, tmp_path):
@@ -276,4 +277,4 @@ def test_the_apps_true_cfg_gives_flux_a_guidance_breakdown(flux, tmp_path):
     *_, last = app.generate_tab.generate(PROMPT, "blue square", SEED, 4, 3.5, "Euler", 32, 32, folder, None, None, False, 4.0)
     run = app.runs.store.get(last.run_id)[0]
     assert run.settings.true_cfg_scale == 4.0 and "eps_cond" in run.tensors
-    assert all(image is not None for image in app.generate_tab.guidance(last.run_id, 2))  # the four panels, filled
+    assert all(image is not None for image in app.generate_tab.guidance(last.run_id, 2)[:4])  # the four panels, filled

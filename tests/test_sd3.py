@@ -83,7 +83,7 @@ def test_final_image_matches_diffusers_sd3_pipeline(sd3, sampler):
     first = run.steps[0]
     assert first.sigma == pytest.approx(1.0, abs=1e-3) and all(s.flow and 0 < s.sigma <= 1 for s in run.steps)
     assert torch.equal(run.tensors["xt"], run.tensors["latents"])
-    assert first.noise_share == first.sigma and first.snr == pytest.approx((1 - first.sigma) ** 2 / first.sigma ** 2)
+    assert first.noise_share == pytest.approx(first.sigma ** 2 / ((1 - first.sigma) ** 2 + first.sigma ** 2)) and first.snr == pytest.approx((1 - first.sigma) ** 2 / first.sigma ** 2)
 
 
 def test_euler_captures_the_schedulers_own_sigmas_and_x0_hat(sd3):

@@ -1,7 +1,7 @@
 """The Python API: one `Settings` in, step events and then the decoded `Run` out.
 
     from visualizer import Settings, api
-    for item in api.stream(Settings(prompt="a large red circle in the centre")):
+    for item in api.stream(Settings(prompt="red apple")):
         ...  # StepUpdate per finished step (with a live preview on demand), then the Run
 
 The CLI, the app, the bench and notebooks all go through here; only this module wires the loop, the
@@ -24,7 +24,7 @@ from .analysis import noising
 from .engine.decode import EXACT, CheapPreview, Preview, StreamingDecoder, decode_run
 from .engine.denoise import StepCallback, StepEvent, denoise_steps
 from .errors import SettingsError
-from .engine.models import EMBEDDED, family_of_reference, load_pipeline
+from .engine.models import embedded_name, family_of_reference, load_pipeline
 from .engine.run import FRAME_KINDS, Run, Settings
 from .engine.samplers import fitting
 
@@ -136,7 +136,7 @@ def _stream(settings, samplers, should_stop, frames):
         s.validate()
     pipe = load_pipeline(settings.model)
     decoder = StreamingDecoder(pipe.vae, tuple(frames)) if frames else None
-    cheap = CheapPreview(pipe, use_taesd=settings.model != EMBEDDED)
+    cheap = CheapPreview(pipe, use_taesd=embedded_name(settings.model) is None)
     steps = denoise_steps(settings_list, pipe, should_stop)
     try:
         while True:
@@ -179,7 +179,7 @@ def run(settings: Settings | str, *, callback: StepCallback | None = None,
         should_stop: Callable[[], bool] | None = None, frames: Sequence[str] = FRAME_KINDS, **changes) -> Run:
     """Generate one run, capture every step and decode its `frames` (x_t and x0-hat by default).
 
-    `settings` may be a prompt, with any Settings field as a keyword: `run("a red circle", sampler="DDIM")`.
+    `settings` may be a prompt, with any Settings field as a keyword: `run("red apple", sampler="DDIM")`.
     """
     return _consume(stream(_settings(settings, changes), should_stop=should_stop, frames=frames), callback)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .errors import SettingsError, VisualizerError, user_message
-from .engine.models import ALIASES, DTYPE_CHOICES, EMBEDDED, LoadOptions, configure
+from .engine.models import ALIASES, DTYPE_CHOICES, EMBEDDED_NAMES, LoadOptions, configure
 from .engine.run import DEFAULTS, Settings
 from .media.export import RUN_FORMATS
 from .toy.model import PATTERNS, TOY_DEFAULTS
@@ -27,7 +27,7 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
     """Flags for every Settings field; an absent flag takes the Settings default."""
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt")
-    p.add_argument("--model", help=f"{DEFAULTS['model']} (default), {', '.join(a for a in (EMBEDDED, *ALIASES) if a != DEFAULTS['model'])}, "
+    p.add_argument("--model", help=f"{DEFAULTS['model']} (default), {', '.join(a for a in (*EMBEDDED_NAMES, *ALIASES) if a != DEFAULTS['model'])}, "
                                    "a folder, a checkpoint file (.safetensors, .ckpt, .pt) or a hub id")
     add_load_options(p)
     p.add_argument("--steps", help=f"sampler steps (default {DEFAULTS['num_inference_steps']})")

@@ -1,12 +1,12 @@
 """Image space, made visible: a run's latents at every step as a path on a fixed 2D map of the training images.
 
-Every image is a point in latent space (16 x 16 x 4 = 1,024 numbers for the embedded model). The map is a
-linear projection to 2D: PCA, fitted once on the latents of the model's training scenes and shipped with it
-(`image_map.npz` in the model folder; `python -m visualizer.analysis.image_map` rebuilds it). The scenes sit in
-clusters on it, labelled by their caption's background (the largest split of this latent space: the first
-axis alone carries 43% of the variance). A run's x_t (from the initial noise) and x0-hat at every step
-become paths across it, ending in a cluster. For a model without a shipped map, the projection is fitted on
-the runs' own latents (no clusters are drawn).
+Every image is a point in latent space (8 x 8 x 4 = 256 numbers for the emoji model). The map is a linear
+projection to 2D: PCA, fitted once on the latents of the model's training images and shipped with it
+(`image_map.npz` in the model folder; `python -m visualizer.analysis.image_map [--model shapes]` rebuilds it).
+The training images sit in clusters on it, labelled by what separates them: the emoji by their main colour
+(image space sorts by appearance, not meaning), the shapes model's scenes by their background. A run's x_t
+(from the initial noise) and x0-hat at every step become paths across it, ending in a cluster. For a model
+without a shipped map, the projection is fitted on the runs' own latents (no clusters are drawn).
 """
 from __future__ import annotations
 
@@ -206,30 +206,39 @@ def seeds_map(runs) -> tuple[np.ndarray, str]:
 
 
 def build(model: str = "embedded", scenes_count: int = 900, seed: int = 0) -> ImageMap:
-    """The embedded model's map: PCA of the VAE latents (posterior means, scaled) of `scenes_count` random
-    training scenes, each labelled by its background."""
+    """An embedded model's map: PCA of the VAE latents (posterior means, scaled) of its training images. The
+    emoji model: every emoji, labelled by its main colour; the shapes model: `scenes_count` random scenes,
+    labelled by their background."""
+    from ..demo_model import emoji, scenes
     from ..engine.decode import from_vae_space
-    from ..demo_model import scenes
-    from ..engine.models import load_pipeline
+    from ..engine.models import embedded_name, load_pipeline
 
     pipe = load_pipeline(model)
-    rng = random.Random(seed)
-    drawn = [scenes.random_scene(rng) for _ in range(scenes_count)]
-    pixels = torch.from_numpy(np.stack([np.asarray(scenes.render(s)) for s in drawn]).astype(np.float32) / 127.5 - 1)
+    if embedded_name(model) == "shapes":
+        rng = random.Random(seed)
+        drawn = [scenes.random_scene(rng) for _ in range(scenes_count)]
+        images = np.stack([np.asarray(scenes.render(s)) for s in drawn]).transpose(0, 3, 1, 2)
+        labels, groups = [list(scenes.BACKGROUNDS).index(s.background) for s in drawn], \
+            tuple(f"{b} background" for b in scenes.BACKGROUNDS)
+    else:
+        images = emoji.images()
+        labels, groups = [emoji.colour_group(image) for image in images], emoji.COLOUR_GROUPS
+    pixels = torch.from_numpy(images.astype(np.float32) / 127.5 - 1)
     with torch.no_grad():
-        latents = from_vae_space(pipe.vae, pipe.vae.encode(pixels.permute(0, 3, 1, 2)).latent_dist.mean)
-    groups = tuple(f"{b} background" for b in scenes.BACKGROUNDS)
-    return fit(latents, [list(scenes.BACKGROUNDS).index(s.background) for s in drawn], groups)
+        latents = torch.cat([from_vae_space(pipe.vae, pipe.vae.encode(chunk).latent_dist.mean)
+                             for chunk in pixels.split(256)])
+    return fit(latents, labels, groups)
 
 
 def main(argv=None) -> None:
     from ..engine.models import resolve
 
-    parser = argparse.ArgumentParser(description="Fit the embedded model's image-space map and save it in its folder.")
-    parser.add_argument("--scenes", type=int, default=900)
+    parser = argparse.ArgumentParser(description="Fit an embedded model's image-space map and save it in its folder.")
+    parser.add_argument("--model", default="embedded", help="emoji (embedded) or shapes")
+    parser.add_argument("--scenes", type=int, default=900, help="shapes: how many training scenes")
     args = parser.parse_args(argv)
-    target = Path(resolve("embedded").source) / MAP_FILE
-    build(scenes_count=args.scenes).save(target)
+    target = Path(resolve(args.model).source) / MAP_FILE
+    build(args.model, scenes_count=args.scenes).save(target)
     print(f"-> {target}")
 
 

@@ -13,6 +13,23 @@ from ..engine.families import BY_KEY
 from .metrics import heat
 
 
+def guidance_note(run) -> str:
+    """One line in plain words on what the guidance panel shows for `run`: its formula with the run's own scale,
+    what stands for "without the prompt" (the negative prompt, when one is set), or why the panel is empty."""
+    family = BY_KEY[run.info.family]
+    scale = getattr(run.settings, family.cfg_setting)
+    if "eps_cond" not in run.tensors:
+        if family.cfg_setting != "guidance_scale":
+            return (f"{family.name}: its guidance scale ({run.settings.guidance_scale:g}) is an input of the model, so "
+                    "there is no second branch to show; set the true CFG scale above 1 for one.")
+        return (f"Guidance was off in this run (scale {scale:g}: at 1 and below only the prompt's branch runs, as in "
+                "diffusers), so the image is the prompt's prediction alone and there is nothing to break down.")
+    negative = run.settings.negative_prompt.strip()
+    without = f"the negative prompt “{negative}”" if negative else "the empty prompt"
+    return (f"Scale {scale:g}: guided = without + {scale:g} × (with − without). “Without the prompt” is the "
+            f"prediction for {without}.")
+
+
 def guidance_breakdown(run, index: int, vae) -> dict[str, np.ndarray] | None:
     """What the model predicts at step `index` without the prompt, with it, and what guidance adds.
 

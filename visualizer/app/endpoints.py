@@ -7,7 +7,7 @@ view of the player and the exports). The page's own events are private: this is 
 
     from gradio_client import Client
     c = Client("http://127.0.0.1:7860/")
-    result = c.predict("a red circle", api_name="/generate")        # the finished run (c.submit streams)
+    result = c.predict("red apple", api_name="/generate")        # the finished run (c.submit streams)
     image, label = c.predict(result["run_id"], 5, "x0", api_name="/frame")
 """
 import math
@@ -137,7 +137,7 @@ class Endpoints:
 
     def insight(self, run_id: str, step: int) -> dict:
         """Every insight panel of a step: {convergence, schedule, change (files), numbers (markdown),
-        guidance: {uncond, cond, added, guided} (files, or None without CFG)}."""
+        guidance: {uncond, cond, added, guided} (files, or None without CFG), guidance_note: what they show}."""
         run = self.runs.get(run_id)[0]
         index = _step(run, step)
         folder = self._folder(run_id) / f"insight-{index + 1:04d}"
@@ -149,6 +149,7 @@ class Endpoints:
             "numbers": step_numbers(run, index),
             "guidance": {part: None if image is None else _file(folder / f"guidance-{part}.png", image)
                          for part, image in zip(GUIDANCE_PARTS, guidance)},
+            "guidance_note": guidance.note,
         }
 
     def noise_image(self, run_id: str) -> str:

@@ -35,6 +35,7 @@ class Cell:
     structure: int | None = None  # the step where structure appears
     words: dict | None = None  # word maps: {"tokens": [...], "shares": per step, each token's share}; their
     # heatmaps are the kinds "attn0", "attn1", ... (per step) and "attn0-all", ... (all steps, one image)
+    prediction: str | None = None  # what the model outputs (RunInfo.prediction_type), once the run is done
 
 
 class RunFiles:
@@ -92,6 +93,7 @@ class RunFiles:
         """A finished run: whatever is still missing, the final numbers and the convergence curve."""
         self.cells[cell].steps = list(run.steps)
         self.cells[cell].total = len(run)
+        self.cells[cell].prediction = run.info.prediction_type
         if {"xt", "eps"} <= set(run.tensors):  # a saved run may come without its tensors (frames only)
             for index in range(len(run)):
                 self._write(cell, "latents", index, latent_tiles(run.tensors["xt"][index]))

@@ -10,6 +10,7 @@ import gradio as gr
 import numpy as np
 
 from ..analysis import image_map
+from ..analysis.noising import guidance_note
 from ..analysis.stages import pipeline_stages
 from ..errors import SettingsError
 from ..media import views
@@ -33,7 +34,17 @@ class GenerateOutputs(NamedTuple):
     guidance_cond: np.ndarray | None
     guidance_added: np.ndarray | None
     guidance_guided: np.ndarray | None
+    guidance_note: str
     stages: str
+
+
+class GuidancePanel(NamedTuple):
+    """The guidance panel at one step: GUIDANCE_PARTS' images (None without a CFG branch) and a line on them."""
+    uncond: np.ndarray | None
+    cond: np.ndarray | None
+    added: np.ndarray | None
+    guided: np.ndarray | None
+    note: str
 
 
 class GenerateTab:
@@ -57,7 +68,7 @@ class GenerateTab:
             # under the GIL the model's loop needs.
             if run_id is None:
                 yield GenerateOutputs(gr.update(**props), None, None, None, props["status"], notice,
-                                      None, None, None, None, None, "")
+                                      None, None, None, None, None, "", "")
                 continue
             run = self.runs.store.get(run_id)[0]
             if run.info.truncated:
@@ -65,16 +76,17 @@ class GenerateTab:
                          f"The prompt was cut at {run.info.token_limit} tokens; ignored: “{run.info.dropped_text}”."
             final = run.final_image if run.final_image is not None else run.frames["x0"][-1]
             yield GenerateOutputs(gr.update(**props), final, run_id, steps_table(run), props["status"], notice,
-                                  None, None, None, None, None, pipeline_stages(run))  # guidance: filled after
+                                  None, None, None, None, None, "", pipeline_stages(run))  # guidance: filled after
 
-    def guidance(self, run_id, step) -> tuple:
-        """The guidance breakdown of a step (the last one when `step` is empty): GUIDANCE_PARTS' images."""
+    def guidance(self, run_id, step) -> GuidancePanel:
+        """The guidance breakdown of a step (the last one when `step` is empty), and what it shows in words."""
         if not run_id:
-            return (None,) * len(GUIDANCE_PARTS)
+            return GuidancePanel(None, None, None, None, "")
         run = self.runs.get(run_id)[0]
         index = step_index(run, step or len(run))
         parts = self.runs.engine.guidance_breakdown(run, index) or {}
-        return tuple(np.asarray(upscale(parts[k], 160)) if k in parts else None for k in GUIDANCE_PARTS)
+        images = (np.asarray(upscale(parts[k], 160)) if k in parts else None for k in GUIDANCE_PARTS)
+        return GuidancePanel(*images, guidance_note(run))
 
     def noise_image(self, run_id, image):
         """Forward-noise an uploaded image (or the run's final image) at the run's noise levels; a player view."""

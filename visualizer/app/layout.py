@@ -14,7 +14,8 @@ import gradio as gr
 import numpy as np
 
 from ..analysis.stages import pipeline_stages
-from ..engine.models import ALIASES, EMBEDDED
+from ..engine.families import StableDiffusion
+from ..engine.models import ALIASES, EMBEDDED_MODELS, embedded_name
 from ..engine.run import DEFAULTS, MAX_STEPS
 from ..engine.samplers import sampler_names
 from ..toy import model as toy
@@ -26,10 +27,12 @@ from .playground import MAX_SAMPLERS
 from .runs import EXAMPLE_SAMPLERS, AppConfig, steps_table
 
 MODEL_CONCURRENCY = "model"
-EXAMPLES = ["a large red circle in the centre", "a small blue square on the left of a white background",
-            "a yellow triangle on the top", "a large purple diamond on the right of a black background"]
+EXAMPLES = ["tropical fish", "red apple", "smiling face with sunglasses", "rocket", "jack-o-lantern"]
+MODEL_INFO = ("emoji (the default): 1,151 emoji, asked for by their Unicode names. shapes: one coloured shape on a "
+              "plain background, e.g. “a large red circle in the centre”; it composes colour, shape and position "
+              "triples it never saw.")
 PROSE = {
-    "intro": "Type a prompt and press **Generate**: the model starts from pure noise and removes a little of it at "
+    "intro": "Type a prompt and press **Generate**: the model starts from random noise and removes a little of it at "
              "every step. Every step's frames arrive in the player as they are decoded; scrub them with the slider, "
              "the arrow keys or **Play**. **x_t** is the noisy latent after the step, **x0-hat** the model's guess "
              "of the finished image. Heun and DPM2 spend two model evaluations per step.",
@@ -49,12 +52,12 @@ PROSE = {
            "where the model sends a point at the current noise level (a third of the way to its x0-hat). Dots are "
            "coloured by where they end. Click a dot to trace its path; ask for a cluster of the shapes pattern and "
            "guidance (uncond + scale × (cond − uncond), as for images) bends every path toward it.",
-    "map": "Every image is a point in latent space (16×16×4 numbers for the embedded model). The map is a fixed 2D "
-           "projection of it (PCA of the model's training scenes, drawn as faint dots in clusters: for this model the "
-           "background separates images most). Each path starts at its noise (a square), follows x_t (line) and "
-           "x0-hat (dots) and ends in a cluster (ring). With an empty prompt the seeds end in different clusters; "
-           "a prompt that names a background brings them all to it. The player's View menu shows one run's path "
-           "following the slider. Other models: the projection is fitted on the runs themselves.",
+    "map": "Every image is a point in latent space (8×8×4 numbers for the emoji model). The map is a fixed 2D "
+           "projection of it (PCA of the model's training images, drawn as faint dots in clusters: for the emoji, "
+           "their main colour; image space sorts by appearance, not meaning). Each path starts at its noise (a "
+           "square), follows x_t (line) and x0-hat (dots) and ends in a cluster (ring). With an empty prompt the "
+           "seeds end in different clusters; “blue heart” brings them all to the blue one. The player's View menu "
+           "shows one run's path following the slider. Other models: the projection is fitted on the runs themselves.",
     "compare": "2 to 8 samplers on the same prompt, seed and initial noise, in one batch. The slider moves every "
                "cell to the same point of its own schedule. Or list 2 to 4 models (e.g. `embedded, sd15, sdxl`) to "
                "run the prompt on each in turn with the first picked sampler (Euler where it does not fit), "
@@ -85,7 +88,8 @@ class SettingsControls(NamedTuple):
 def _settings_controls(config: AppConfig, prefix: str = "") -> SettingsControls:
     steps = gr.Slider(1, MAX_STEPS, value=DEFAULTS["num_inference_steps"], step=1, label="Steps",
                       elem_id=f"{prefix}steps")
-    guidance = gr.Slider(0, 20, value=DEFAULTS["guidance_scale"], step=0.5, label="Guidance scale (CFG)")
+    guidance = gr.Slider(1, 20, value=DEFAULTS["guidance_scale"], step=0.5, label=StableDiffusion.guidance_label,
+                         info="Classifier-free guidance is off at 1 (and below, as in diffusers): the prompt's prediction alone")
     with gr.Row():
         seed = gr.Number(value=DEFAULTS["seed"], precision=0, label="Seed", minimum=0, scale=3)
         randomize = gr.Button("Random seed", scale=1, min_width=80, elem_id=f"{prefix}randomize")
@@ -97,10 +101,10 @@ def _settings_controls(config: AppConfig, prefix: str = "") -> SettingsControls:
         with gr.Row():
             width = gr.Number(value=0, precision=0, label="Width (0 = model's native)")
             height = gr.Number(value=0, precision=0, label="Height (0 = native)")
-        model = gr.Dropdown([EMBEDDED, *ALIASES], value=config.default_model, label="Model",
-                            allow_custom_value=config.allow_any_model,
-                            info="A local diffusers folder, checkpoint file or hub id can be typed in"
-                            if config.allow_any_model else None)
+        model = gr.Dropdown([*EMBEDDED_MODELS, *ALIASES], value=embedded_name(config.default_model) or config.default_model,
+                            label="Model", allow_custom_value=config.allow_any_model,
+                            info=MODEL_INFO + (" A local diffusers folder, checkpoint file or hub id can be typed in."
+                                               if config.allow_any_model else ""))
         true_cfg = gr.Slider(1, 20, value=DEFAULTS["true_cfg_scale"], step=0.5, elem_id=f"{prefix}true-cfg",
                              label="True CFG scale (Flux only: above 1 adds a negative branch, from the negative "
                                    "prompt, every step)")
@@ -149,6 +153,8 @@ def _generate_tab(app: App, model_event: dict) -> tuple[gr.State, list[gr.Image]
                 guidance_images = [gr.Image(label=text, format="png", interactive=False, height=200, buttons=[],
                                             elem_classes="frame") for text in
                                    ("Without the prompt", "With the prompt", "What guidance adds", "Guided (x0-hat)")]
+            guidance_note = gr.Markdown(elem_id="guidance-note")
+            guidance_panel = [*guidance_images, guidance_note]
         with gr.Tab("Downloads"):
             with gr.Row():
                 download_view = gr.Radio([("x_t", "xt"), ("x0-hat", "x0"), ("both", "both")], value="xt",
@@ -185,19 +191,19 @@ def _generate_tab(app: App, model_event: dict) -> tuple[gr.State, list[gr.Image]
     final_image = gr.Image(format="png", visible=False)  # the final image, for the outputs' named order
 
     tab = app.generate_tab
-    outputs = GenerateOutputs(play, final_image, run_id, table, status, notice, file_out, *guidance_images, stages)
+    outputs = GenerateOutputs(play, final_image, run_id, table, status, notice, file_out, *guidance_panel, stages)
     run_button.click(
         tab.generate, [prompt, controls.negative, controls.seed, controls.steps, controls.guidance, sampler,
                        controls.width, controls.height, controls.model, init_image, strength, controls.attention,
                        controls.true_cfg],
         list(outputs), **model_event, **PAGE,
-    ).then(lambda rid: tab.guidance(rid, None), run_id, guidance_images, show_progress="hidden", **PAGE)
+    ).then(lambda rid: tab.guidance(rid, None), run_id, guidance_panel, show_progress="hidden", **PAGE)
 
     def stop(request: gr.Request):
         app.runs.stop(request.session_hash)
 
     stop_button.click(stop, None, None, queue=False, **PAGE)
-    play.change(tab.guidance, [run_id, play], guidance_images, show_progress="hidden", trigger_mode="always_last",
+    play.change(tab.guidance, [run_id, play], guidance_panel, show_progress="hidden", trigger_mode="always_last",
                 **PAGE)
     noise_button.click(tab.noise_image, [run_id, upload], [play, forward_status], **model_event, **PAGE)
     map_button.click(tab.map_seeds, [prompt, controls.negative, controls.seed, controls.steps, controls.guidance,
@@ -207,7 +213,7 @@ def _generate_tab(app: App, model_event: dict) -> tuple[gr.State, list[gr.Image]
         button.click(lambda rid, view, fmt=fmt: tab.download(rid, fmt, view), [run_id, download_view], file_out,
                      **PAGE)
     _follow_model(app, controls, sampler)
-    return run_id, guidance_images
+    return run_id, guidance_panel
 
 
 def _compare_tab(app: App, model_event: dict) -> None:
@@ -281,11 +287,11 @@ def build(config: AppConfig) -> gr.Blocks:
         # first, so the endpoints own their names (a private page event of the same function name gets a suffix)
         app.endpoints.register(dict(concurrency_id=MODEL_CONCURRENCY, concurrency_limit=config.concurrent_runs))
         with gr.Tab("Generate"):
-            run_id, guidance_images = _generate_tab(app, model_event)
+            run_id, guidance_panel = _generate_tab(app, model_event)
         with gr.Tab("Compare samplers / models"):
             _compare_tab(app, model_event)
         with gr.Tab("2D playground"):
             _playground_tab(app)
-        demo.load(lambda rid: app.generate_tab.guidance(rid, None), run_id, guidance_images, show_progress="hidden",
+        demo.load(lambda rid: app.generate_tab.guidance(rid, None), run_id, guidance_panel, show_progress="hidden",
                   **PAGE)
     return demo

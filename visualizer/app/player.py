@@ -46,6 +46,7 @@ class PlayerCell:
     words: dict | None = None  # word maps: {"tokens": [...], "shares": [...]} (see frame_files.Cell)
     start: bool = False  # position 0 is the initial noise, before step 1
     trace: str | None = None  # URL of the points' paths (2D runs): clicking a frame traces one
+    prediction: str | None = None  # what the model outputs: epsilon, v_prediction or flow_prediction (None: unknown)
 
 
 @dataclass

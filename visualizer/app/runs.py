@@ -18,9 +18,9 @@ import numpy as np
 
 from .. import api
 from ..api import DecodeUpdate, StepUpdate
-from ..demo_model import scenes
+from ..demo_model import vocabulary
 from ..engine.labels import comparison_labels, model_name
-from ..engine.models import ALIASES, EMBEDDED, family_of_reference
+from ..engine.models import ALIASES, EMBEDDED, EMBEDDED_NAMES, embedded_name, family_of_reference
 from ..engine.run import Run, Settings
 from ..engine.samplers import valid_for
 from ..errors import SettingsError, VisualizerError, user_message
@@ -82,20 +82,15 @@ def player_props(files: RunFiles | None, run_id: str, *, live: bool = False, pro
     cells = [] if files is None else [
         PlayerCell(label=c.label, total=c.total, steps=[step_props(s) for s in c.steps],
                    frames={kind: [url(p) if p else None for p in paths] for kind, paths in c.paths.items()},
-                   curve=c.curve, structure=c.structure, words=c.words) for c in files.cells]
+                   curve=c.curve, structure=c.structure, words=c.words, prediction=c.prediction) for c in files.cells]
     return PlayerProps(cells=cells, views=[(key, label) for label, key in views.VIEWS.items()], live=live,
                        progress=progress, status=status, run=run_id, view=view).as_props()
 
 
 def vocabulary_notice(prompt: str, model: str) -> str:
-    """For the embedded model: the prompt's words it never saw, and what it knows."""
-    if model != EMBEDDED:
-        return ""
-    unknown = scenes.unknown_words(prompt)
-    if not unknown:
-        return ""
-    return (f"The embedded model does not know: *{', '.join(unknown)}*. It understands: "
-            f"{', '.join(scenes.vocabulary())}.")
+    """For an embedded model: the prompt's words it never saw, and what it knows ("" for other models)."""
+    name = embedded_name(model)
+    return vocabulary.notice(prompt, name) if name else ""
 
 
 def run_status(run: Run) -> str:
@@ -171,7 +166,7 @@ class Runs:
     def check_model(self, model: str) -> str:
         """The model a form names (empty: the default), refused where this server serves only its own."""
         model = (model or self.config.default_model).strip()
-        if not self.config.allow_any_model and model not in (EMBEDDED, self.config.default_model, *ALIASES):
+        if not self.config.allow_any_model and model not in (*EMBEDDED_NAMES, self.config.default_model, *ALIASES):
             raise UserError("This server only serves its built-in models. Choose one from the list.")
         return model
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-PROMPT = "a large blue square on the right"
+PROMPT = "smiling face with sunglasses"
 POLL_MS = 100  # how often the bench checks the page for the end of a run
 STEPS = 25
 ROOT = Path(__file__).resolve().parents[2]

@@ -29,11 +29,11 @@ from .. import api
 from ..media import views
 from ..engine.decode import vae_decode
 from ..media.export import prepare, save_gif, save_mp4
-from ..engine.models import current_options, load_pipeline
+from ..engine.models import EMBEDDED_MODELS, current_options, load_pipeline
 from ..engine.run import DEFAULTS, Settings
 from ..engine.samplers import make_scheduler
 
-PROMPT = "a large red circle in the centre"
+PROMPT = "red apple"
 GRID_SAMPLERS = ["Euler", "DDIM", "DPM++ 2M", "Euler a"]
 
 
@@ -154,7 +154,8 @@ def main(quick: bool = False, repeats: int = 3, out: Path = Path("bench.json"), 
                          f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}",
               "torch": torch.__version__, "load_options": dataclasses.asdict(current_options()), "models": {}}
     # all model work on the engine thread, as in the app (torch's thread pool is per calling thread; see api)
-    report["models"]["embedded (64x64, 25 steps)"] = api.on_engine(measure_model, "embedded", None, 25, repeats)
+    for name in EMBEDDED_MODELS:  # the default first
+        report["models"][f"{name} (embedded, 64x64, 25 steps)"] = api.on_engine(measure_model, name, None, 25, repeats)
     if not quick:
         folder = api.on_engine(sd15_random, Path(tempfile.gettempdir()) / "visualizer-sd15-random")
         name = f"SD 1.5 architecture, random weights ({sd15_size}x{sd15_size}, {sd15_steps} steps)"
@@ -181,6 +182,10 @@ def format_table(report: dict) -> str:
                      f"{r['ours_final_over_plain']:.2f}x | {r['ours_xt_over_naive']:.2f}x | "
                      f"{r['ours_xt_x0_over_plain']:.2f}x | {r['grid_ratio']:.2f}x | {r['attention_capture_ratio']:.2f}x | "
                      f"{r['scrub_median_ms']:.1f} | {r.get('gpu_peak_gib', float('nan')):.2f} |")
+    emoji, shapes = (report["models"].get(f"{n} (embedded, 64x64, 25 steps)") for n in EMBEDDED_MODELS)
+    if emoji and shapes:
+        lines += ["", f"emoji model / shapes model, a plain 25-step image: {emoji['plain'] / shapes['plain']:.2f}x; "
+                      f"every x_t and x0-hat frame: {emoji['ours_xt_and_x0_frames'] / shapes['ours_xt_and_x0_frames']:.2f}x"]
     e = report["export"]
     lines += ["", f"export of 50 frames at 512x512: GIF {e['gif_50x512_s']:.2f} s, MP4 {e['mp4_50x512_s']:.2f} s"]
     if "app" in report:

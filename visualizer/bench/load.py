@@ -32,7 +32,7 @@ def request(url: str, index: int, model: str, steps: int) -> tuple[str, str]:
     from gradio_client import Client
 
     client = Client(url, verbose=False)
-    settings = Settings(prompt="a red circle" if index % 2 == 0 else "a blue square", model=model, seed=1000 + index,
+    settings = Settings(prompt="red apple" if index % 2 == 0 else "rocket", model=model, seed=1000 + index,
                         num_inference_steps=steps, guidance_scale=7.5, sampler="Euler a").validate()
     if index % 2 == 0:
         result = client.predict(**_form(settings), sampler=settings.sampler, api_name="/generate")

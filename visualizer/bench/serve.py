@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from ..engine.run import Settings
 
 SAMPLERS = ["Euler", "DDIM", "Euler a", "Heun"]
-PROMPT = "a large red circle in the centre"
+PROMPT = "red apple"
 
 
 def concurrent_runs(replicas, steps: int) -> float:

@@ -67,15 +67,19 @@ def vae(channels: tuple[int, ...], sample_size: int, latent_channels: int = 4, *
     )
 
 
-def unet(channels: tuple[int, ...], sample_size: int, cross_attention_dim: int, heads: int = 4) -> UNet2DConditionModel:
-    """A cross-attention UNet: attention in every block but the deepest."""
+def unet(channels: tuple[int, ...], sample_size: int, cross_attention_dim: int, heads: int = 4, layers: int = 1,
+         text_embedding: bool = False) -> UNet2DConditionModel:
+    """A cross-attention UNet: attention in every block but the deepest. With `text_embedding`, an attention-pooled
+    caption embedding is also added to the time embedding (diffusers' addition_embed_type="text"), so every
+    ResNet block sees the caption; it is computed from the text encoder's states alone, so pipelines run it as is."""
     n = len(channels)
     return UNet2DConditionModel(
         sample_size=sample_size, in_channels=4, out_channels=4, block_out_channels=channels,
         down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
-        layers_per_block=1, cross_attention_dim=cross_attention_dim, attention_head_dim=heads,
-        norm_num_groups=16,
+        layers_per_block=layers, cross_attention_dim=cross_attention_dim, attention_head_dim=heads,
+        norm_num_groups=16, addition_embed_type="text" if text_embedding else None,
+        addition_embed_type_num_heads=heads,
     )
 
 

@@ -12,7 +12,7 @@ averaged; a transformer has one, its patch grid) and combined on the latent grid
 
 Combined weighting: each resolution's map of a token is divided by its spatial mean and only what stands
 above that mean is kept (a layer that spreads a word evenly adds nothing), then the resolutions are
-averaged. DAAM sums raw maps over layers instead; on the embedded model the 16x16 layers are nearly
+averaged. DAAM sums raw maps over layers instead; on the shapes model the 16x16 layers are nearly
 uniform and a raw sum washes out the 8x8 layers' sharp placement of the shape word.
 """
 from __future__ import annotations

@@ -41,7 +41,7 @@ from .attention import AttentionRecorder, combine
 from .decode import from_vae_space, shift_factor
 from ..errors import NonFiniteError, SettingsError
 from .families import family_of
-from .models import load_pipeline, resolve
+from .models import embedded_name, load_pipeline, resolve
 from .run import Img2ImgInfo, Run, RunInfo, Settings, Step
 from .samplers import make_scheduler, prediction_type, x0_clip_range
 
@@ -273,7 +273,8 @@ def denoise_steps(settings_list: list[Settings], pipe=None,
     """
     _check_lockstep(settings_list)
     first = settings_list[0]
-    model_source = first.model if pipe is not None else resolve(first.model).source
+    # an embedded model by its own name ("emoji", "shapes"): a run bundle holds no path of this machine
+    model_source = embedded_name(first.model) or (first.model if pipe is not None else resolve(first.model).source)
     pipe = pipe or load_pipeline(first.model)
     family = family_of(pipe)
     family.check_settings(first)

@@ -56,7 +56,7 @@ class StableDiffusion:
     pipelines = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")  # model_index.json classes it loads
     load_kwargs = dict(safety_checker=None, requires_safety_checker=False)  # this tool shows raw frames
     sampler_kind = "diffusion"  # which registry of samplers.REGISTRIES fits its models
-    guidance_label = "Guidance scale (CFG)"  # what the guidance slider means for its models
+    guidance_label = "Guidance scale (CFG; 1 = off)"  # what the guidance slider means for its models
     cfg_setting = "guidance_scale"  # the Settings field cfg_scale reads (a finished run's breakdown reads it too)
     gpu_dtype = torch.float16  # what --dtype auto runs its models in on a GPU (as diffusers' documentation does)
     joint_attention = None  # word maps (attention.py): None, UNet cross-attention; else the MMDiT's token order

@@ -27,8 +27,12 @@ import torch
 from ..errors import ModelLoadError
 from .families import BY_KEY, BY_PIPELINE, StableDiffusion
 
-EMBEDDED_MODEL_DIR = Path(__file__).resolve().parents[2] / "assets" / "demo-model"
-EMBEDDED = "embedded"
+_ASSETS = Path(__file__).resolve().parents[2] / "assets"
+# the models that ship with the project, trained here (docs/embedded-model.md): name -> folder
+EMBEDDED_MODELS = {"emoji": _ASSETS / "emoji-model", "shapes": _ASSETS / "shapes-model"}
+EMBEDDED = "embedded"  # names the default embedded model, the first of EMBEDDED_MODELS
+DEFAULT_EMBEDDED = next(iter(EMBEDDED_MODELS))
+EMBEDDED_NAMES = (EMBEDDED, *EMBEDDED_MODELS)  # what a person may type for an embedded model
 # short names a person may give instead of a hub id, each family's (families.py `aliases`): name -> hub id, and
 # name -> its family's adapter
 ALIASES = {name: hub_id for family in BY_KEY.values() for name, hub_id in family.aliases.items()}
@@ -60,10 +64,11 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ModelRef:
-    name: str  # what the person typed (or "embedded")
+    name: str  # what the person typed (an embedded model: its own name)
     source: str  # a local folder or checkpoint file path, or a hub id
     is_local: bool
     single_file: bool = False  # a checkpoint file (CHECKPOINT_SUFFIXES) rather than a diffusers folder or hub id
+    embedded: bool = False  # one of EMBEDDED_MODELS (then `name` is its own name, "emoji" or "shapes")
 
 
 @dataclass(frozen=True)
@@ -127,14 +132,24 @@ def pick_device() -> torch.device:
     return torch.device("cpu")
 
 
+def embedded_name(reference: str | None) -> str | None:
+    """The embedded model a reference names ("embedded" and "" name the default), else None."""
+    name = (reference or EMBEDDED).strip() or EMBEDDED
+    if name not in EMBEDDED_NAMES:
+        return None
+    return DEFAULT_EMBEDDED if name == EMBEDDED else name
+
+
 def resolve(reference: str | None) -> ModelRef:
     """Turn what a person typed into a folder or hub id, or raise ModelLoadError saying why not."""
     name = (reference or EMBEDDED).strip()
-    if name in ("", EMBEDDED):
-        if not (EMBEDDED_MODEL_DIR / INDEX).exists():
-            raise ModelLoadError(f"The embedded model is missing from {EMBEDDED_MODEL_DIR}. "
-                                 "Reinstall the project or train it: python -m visualizer.demo_model.train")
-        return ModelRef(EMBEDDED, str(EMBEDDED_MODEL_DIR), True)
+    if name in ("", *EMBEDDED_NAMES):
+        name = embedded_name(name)
+        folder = EMBEDDED_MODELS[name]
+        if not (folder / INDEX).exists():
+            raise ModelLoadError(f"The embedded {name} model is missing from {folder}. Reinstall the project or "
+                                 f"train it: python -m visualizer.demo_model.train --data {name}")
+        return ModelRef(name, str(folder), True, embedded=True)
     if name in ALIASES:
         return ModelRef(name, ALIASES[name], False)
     path = Path(name).expanduser()
@@ -154,7 +169,7 @@ def resolve(reference: str | None) -> ModelRef:
     if _HUB_ID.match(name) and not name.startswith((".", "/", "~")):
         return ModelRef(name, name, False)
     raise ModelLoadError(f"Model {name!r} is neither a folder on this machine, a hub id (owner/name), "
-                         f"nor an alias ({', '.join([EMBEDDED, *ALIASES])}).")
+                         f"nor an alias ({', '.join([*EMBEDDED_NAMES, *ALIASES])}).")
 
 
 def _pipeline_class(name: str, index: Path) -> str:

@@ -37,9 +37,9 @@ class Settings:
     model: str = "embedded"  # embedded, an alias, a local folder or a hub id
     sampler: str = DEFAULT_SAMPLER  # a name from samplers.SAMPLERS (flow-matching models: samplers.FLOW_SAMPLERS)
     num_inference_steps: int = 25  # sampler steps (Heun / DPM2 evaluate the model twice per step)
-    # classifier-free guidance; <= 1 turns CFG off. Below SD's customary 7.5: the embedded model follows
-    # prompts best from 2 to 5 and distorts its shapes at 7.5 (README, "How good it is")
-    guidance_scale: float = 5.0
+    # classifier-free guidance; <= 1 turns CFG off. Far below SD's customary 7.5 (pass that for real SD
+    # checkpoints): the emoji model draws the asked emoji at 1 to 2 and overshoots above 3 (docs/embedded-model.md)
+    guidance_scale: float = 2.0
     true_cfg_scale: float = 1.0  # Flux only (where guidance_scale is an input of the model): > 1 runs true
     # classifier-free guidance with the negative prompt, as FluxPipeline's true_cfg_scale
     seed: int = 0  # seeds the initial noise and any sampler noise
@@ -157,8 +157,9 @@ class Step:
 
     @property
     def noise_share(self) -> float:
-        """The share of the model input that is noise: sigma / sqrt(1 + sigma^2), or a flow run's sigma."""
-        return self.sigma if self.flow else self.sigma / math.sqrt(1.0 + self.sigma * self.sigma)
+        """The share of the model input's variance that is noise, 1 / (1 + SNR): one definition for every family
+        (for SD it is 1 - alpha_bar; two steps at equal SNR read the same, whatever their family)."""
+        return 1.0 / (1.0 + self.snr)
 
     @property
     def snr(self) -> float:
@@ -181,7 +182,7 @@ RENAMED = {"unet_evaluations": "denoiser_evaluations"}  # RunInfo keys of older 
 @dataclass
 class RunInfo:
     """Facts about how a run was computed, for the pipeline-stages view and run.json."""
-    model_source: str  # the folder or hub id that was loaded
+    model_source: str  # the folder or hub id that was loaded (an embedded model: its name, "emoji" or "shapes")
     device: str  # where the model ran
     dtype: str  # the model's compute dtype
     scheduler: str  # the scheduler class

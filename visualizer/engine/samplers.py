@@ -122,7 +122,8 @@ def config_notes(config: dict) -> list[str]:
         notes.append("x0-hat is dynamically thresholded at every step (thresholding is on)")
     spacing = config.get("timestep_spacing")
     if spacing == "trailing":
-        notes.append("timesteps are spaced 'trailing': the first step starts at the very last timestep (pure noise)")
+        notes.append("timesteps are spaced 'trailing': the first step starts at the very last timestep (the noisiest; "
+                     "pure noise only on a zero-terminal-SNR schedule: on SD's, alpha_bar there is about 0.005)")
     elif spacing == "leading":
         notes.append(f"timesteps are spaced 'leading' (offset {config.get('steps_offset', 0)}): the first step "
                      "starts a little below the noisiest timestep")

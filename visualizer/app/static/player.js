@@ -207,6 +207,11 @@ function markers(p) {
   const line = $('.vp-mark-line'), first = cells()[0];
   if (line && first) { const x = stepX(first, indexFor(first, p)); line.setAttribute('x1', x); line.setAttribute('x2', x); }
 }
+const PREDICTS = {  // RunInfo.prediction_type in plain words
+  epsilon: 'the noise in its input (epsilon); x0-hat = (x − sqrt(1 − alpha_bar) × noise) / sqrt(alpha_bar)',
+  v_prediction: 'v = sqrt(alpha_bar) × noise − sqrt(1 − alpha_bar) × image (v-prediction), from which both the noise and x0-hat follow',
+  flow_prediction: 'a velocity, noise − image (flow matching): x0-hat = x − sigma × velocity',
+};
 function numbers(p) {
   const rows = cells().map(cell => {
     const s = (cell.steps || [])[indexFor(cell, p)];
@@ -215,6 +220,8 @@ function numbers(p) {
     return `<tr><td>${cell.label}</td><td>${s.index === 0 ? 'start' : `${s.index} / ${cell.total - (cell.start ? 1 : 0)}`}</td><td>${fmt(s.t, 1)}</td><td>${fmt(s.sigma, 4)}</td>` +
       `<td>${snr === Infinity ? '∞' : snr.toPrecision(4)}</td><td>${(s.share * 100).toFixed(1)}%</td><td>${s.evals}</td></tr>`;
   }).join('');
+  const predicts = [...new Set(cells().map(c => PREDICTS[c.prediction]).filter(Boolean))];
+  $('.vp-predicts').textContent = predicts.length ? 'The model predicts ' + predicts.join('; another predicts ') + '.' : '';
   $('.vp-numbers').innerHTML = '<tr><th>run</th><th>step</th><th>t</th><th>sigma</th><th>SNR</th><th>noise share</th><th>evaluations</th></tr>' + rows;
 }
 function change(p) {
