@@ -64,9 +64,10 @@ def words(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
 
-def vocabulary() -> list[str]:
+@lru_cache(maxsize=1)
+def vocabulary() -> tuple[str, ...]:
     """Every word of every caption, once, in order of first use."""
-    return list(dict.fromkeys(w for caption in captions() for w in words(caption) if w.isalnum()))
+    return tuple(dict.fromkeys(w for caption in captions() for w in words(caption) if w.isalnum()))
 
 
 def render(char: str, size: int = IMAGE_SIZE) -> Image.Image:

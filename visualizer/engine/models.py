@@ -68,7 +68,6 @@ class ModelRef:
     source: str  # a local folder or checkpoint file path, or a hub id
     is_local: bool
     single_file: bool = False  # a checkpoint file (CHECKPOINT_SUFFIXES) rather than a diffusers folder or hub id
-    embedded: bool = False  # one of EMBEDDED_MODELS (then `name` is its own name, "emoji" or "shapes")
 
 
 @dataclass(frozen=True)
@@ -142,14 +141,14 @@ def embedded_name(reference: str | None) -> str | None:
 
 def resolve(reference: str | None) -> ModelRef:
     """Turn what a person typed into a folder or hub id, or raise ModelLoadError saying why not."""
-    name = (reference or EMBEDDED).strip()
-    if name in ("", *EMBEDDED_NAMES):
-        name = embedded_name(name)
-        folder = EMBEDDED_MODELS[name]
+    embedded = embedded_name(reference)
+    if embedded:
+        folder = EMBEDDED_MODELS[embedded]
         if not (folder / INDEX).exists():
-            raise ModelLoadError(f"The embedded {name} model is missing from {folder}. Reinstall the project or "
-                                 f"train it: python -m visualizer.demo_model.train --data {name}")
-        return ModelRef(name, str(folder), True, embedded=True)
+            raise ModelLoadError(f"The embedded {embedded} model is missing from {folder}. Reinstall the project or "
+                                 f"train it: python -m visualizer.demo_model.train --data {embedded}")
+        return ModelRef(embedded, str(folder), True)
+    name = reference.strip()
     if name in ALIASES:
         return ModelRef(name, ALIASES[name], False)
     path = Path(name).expanduser()
