@@ -118,10 +118,19 @@ def test_x0_view_differs_from_xt_early(client, tiny_model):
     assert Image.open(early_xt).tobytes() != Image.open(early_x0).tobytes()
 
 
+def test_frame_step_0_is_the_start_the_initial_noise(client, tiny_model):
+    run_id = generate(client, tiny_model, steps=4)["run_id"]
+    start, line = client.predict(run_id, 0, X_T, api_name="/frame")
+    first, _ = client.predict(run_id, 1, X_T, api_name="/frame")
+    assert line.startswith("Start (before step 1 of 4): the initial noise x_T")
+    assert Image.open(start).tobytes() != Image.open(first).tobytes()
+    assert Image.open(client.predict(run_id, 0, "x0", api_name="/frame")[0]).tobytes() == Image.open(start).tobytes()
+
+
 def test_downloads_are_valid_files_under_the_output_folder(client, tiny_model, app):
     run_id = generate(client, tiny_model, steps=5)["run_id"]
     gif = client.predict(run_id, "gif", "xt", api_name="/download")
-    assert Image.open(gif).n_frames == 5
+    assert Image.open(gif).n_frames == 1 + 5  # the start, then every step
     mp4 = client.predict(run_id, "mp4", api_name="/download")
     assert open(mp4, "rb").read(12)[4:8] == b"ftyp"
     saved = client.predict(run_id, "run", api_name="/download")
@@ -139,7 +148,7 @@ def test_compare_returns_one_cell_per_sampler_and_a_shared_slider(client, tiny_m
     assert half.size == full.size and half.tobytes() != full.tobytes()
     assert full.width > 3 * 256  # three cells side by side
     gif = client.predict(result["run_id"], "gif", api_name="/download_grid")
-    assert Image.open(gif).n_frames == 4
+    assert Image.open(gif).n_frames == 1 + 4
 
 
 @pytest.mark.parametrize("kw, words", [
@@ -217,7 +226,8 @@ def test_the_documented_gradio_client_example_prints_real_values(app, capsys):
     ("/grid_frame", (50, "/../../../../tmp/escaped"), "Unknown view"),
     ("/grid_frame", (150, "xt"), "progress must be"),
     ("/grid_frame", ("50", "xt"), "progress must be"),
-    ("/frame", (0, "xt"), "step must be a whole number from 1 to 3"),
+    ("/frame", (-1, "xt"), "step must be a whole number from 1 to 3"),
+    ("/frame", (0, "noise"), "Step 0, the start, has only the views"),
     ("/frame", (4, "xt"), "step must be a whole number from 1 to 3"),
     ("/frame", (2, "../../x"), "Unknown view"),
     ("/insight", (99,), "step must be"),

@@ -110,8 +110,13 @@ def test_the_page_opens_with_a_run_to_scrub_before_any_click(server, browser):
     last = player.srcs()[0]
     page.keyboard.press("Tab")  # no click anywhere: keyboard only
     player.range.focus()
-    page.keyboard.press("Home")
-    assert player.label().startswith("Step 1 of 25") and player.srcs()[0] != last
+    page.keyboard.press("Home")  # position 1: the start, the initial noise decoded (frames/xt_0000.png)
+    assert player.label().startswith("Start: the initial noise, before step 1 · timestep t = 961")
+    start = player.srcs()[0]
+    assert "-start-" in start and start != last and page.locator("#player .vp-cell img").first.evaluate(
+        "im => im.complete && im.naturalWidth > 0")
+    page.keyboard.press("ArrowRight")
+    assert player.label().startswith("Step 1 of 25") and player.srcs()[0] not in (start, last)
     curve = page.locator("#player .vp-convergence polyline")
     assert curve.count() == 1  # the convergence panel is filled
     page.get_by_role("tab", name="Compare samplers").click()
@@ -126,24 +131,28 @@ def test_every_player_control_does_what_its_label_says(server, browser):
     player = Player(page)
     generate(page, steps=12)
     player.wait_status("Done: 12 steps")
-    assert player.position() == 12 and player.label().startswith("Step 12 of 12")
+    assert player.position() == 13 and player.label().startswith("Step 12 of 12")  # the start, then 12 steps
     shot(page, "generated-1280")
 
     seen = set()
     for step in (1, 6, 12):  # the slider
-        player.move(step)
+        player.move(step + 1)
         assert player.label().startswith(f"Step {step} of 12")
         seen.add(player.srcs()[0])
-    assert len(seen) == 3
+    player.move(1)
+    assert player.label().startswith("Start: the initial noise")
+    seen.add(player.srcs()[0])
+    assert len(seen) == 4
     player.range.focus()
+    page.keyboard.press("End")
     page.keyboard.press("ArrowLeft")  # arrow keys: one step
-    assert player.position() == 11
-    page.keyboard.press("ArrowRight")
     assert player.position() == 12
+    page.keyboard.press("ArrowRight")
+    assert player.position() == 13
     page.keyboard.press("Home")
     assert player.position() == 1
     page.keyboard.press("End")
-    assert player.position() == 12
+    assert player.position() == 13
 
     page.locator("#player .vp-speed").select_option("48")  # Play, at a speed, looping, then Pause
     page.locator("#player .vp-play").click()
@@ -163,9 +172,9 @@ def test_every_player_control_does_what_its_label_says(server, browser):
     player.move(9)
     page.locator("#player .vp-play").click()
     page.wait_for_function("document.querySelector('#player .vp-play').innerText.includes('Play')", timeout=5000)
-    assert player.position() == 12
+    assert player.position() == 13
 
-    player.move(4)
+    player.move(5)  # step 4
     for kind in ("x0", "latents", "noise", "xt"):  # every view shows that kind's frame of the step
         player.view(kind)
         assert all(f"-{kind}-0004." in src for src in player.srcs()), (kind, player.srcs())
@@ -180,9 +189,9 @@ def test_every_player_control_does_what_its_label_says(server, browser):
         page.locator(f"#player .vp-tabs button[data-tab={tab}]").click()
         assert page.locator(f"#player .vp-panel[data-panel={tab}]").is_visible()
         before = page.locator(check).first.evaluate("e => e.outerHTML")
-        player.move(2)
+        player.move(3)
         after = page.locator(check).first.evaluate("e => e.outerHTML")
-        player.move(4)
+        player.move(5)  # step 4
         assert before != after, f"the {tab} panel does not follow the slider"
     assert "4 / 12" in page.locator("#player .vp-numbers").inner_text()
 
@@ -228,7 +237,7 @@ def test_the_frame_is_not_covered_while_the_run_computes(server, browser):
     shot(page, "midrun-1280")
     page.wait_for_function(f"document.querySelector('#player .vp-cell img').getAttribute('src') !== {first!r}",
                            timeout=30000)  # frames keep arriving
-    player.move(2)  # finished steps can be scrubbed during the run
+    player.move(3)  # finished steps can be scrubbed during the run
     assert player.label().startswith("Step 2 of 300")
     page.locator("#stop").click()
     player.wait_status("Stopped early")
@@ -288,7 +297,7 @@ def test_settings_downloads_and_forward_noising(server, browser, tmp_path):
     data = urllib.request.urlopen(href if href.startswith("http") else server.rstrip("/") + href).read()
     (tmp_path / "d.gif").write_bytes(data)
     gif = Image.open(tmp_path / "d.gif")
-    assert gif.format == "GIF" and gif.n_frames == 8
+    assert gif.format == "GIF" and gif.n_frames == 1 + 8  # the start, then every step
     generate(page, steps=5)  # a new run clears the previous run's download
     player.wait_status("Done: 5 steps")
     assert page.locator("#download-file a").count() == 0
@@ -297,10 +306,12 @@ def test_settings_downloads_and_forward_noising(server, browser, tmp_path):
     page.wait_for_function("document.querySelector('#forward-status')?.innerText.includes('5 noise levels')",
                            timeout=30000)
     player.view("forward")
-    player.move(1)
+    player.move(2)  # step 1
     noisy = player.srcs()[0]
-    player.move(5)
+    player.move(6)
     assert "-forward-0001." in noisy and player.srcs()[0] != noisy
+    player.move(1)  # the start: the image noised to step 1's input level, as step 1's frame
+    assert player.srcs()[0] == noisy
     page.close()
 
 
@@ -379,7 +390,9 @@ def test_img2img_from_an_upload(server, browser, tmp_path):
     generate(page)
     player.wait_status("Done")
     assert "10 steps from the init image (strength 0.4: steps 16–25 of the schedule)" in player.status()
-    assert player.position() == 10
+    assert player.position() == 11  # the noised init image, then 10 steps
+    player.move(1)
+    assert player.label().startswith("Start:") and "timestep t = " in player.label()
     shot(page, "img2img-1280")
     page.close()
 
@@ -396,7 +409,7 @@ def test_word_maps_overlay_the_frame_and_follow_the_slider(server, browser):
     assert overlay.is_hidden()  # nothing picked: the plain frame
     chips.nth(2).click()
     assert overlay.is_visible() and "-attn2-0006." in overlay.get_attribute("src")
-    player.move(2)
+    player.move(3)  # step 2
     assert "-attn2-0002." in overlay.get_attribute("src")  # the word's map follows the slider
     page.locator("#player .vp-opacity").fill("0.2")
     assert overlay.evaluate("e => e.style.opacity") == "0.2"

@@ -5,6 +5,7 @@ import zipfile
 import imageio_ffmpeg
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from visualizer import api
@@ -56,27 +57,47 @@ def test_save_and_load_round_trip(decoded_run, tmp_path):
     for kind in ("xt", "x0"):
         assert all((a == b).all() for a, b in zip(loaded.frames[kind], decoded_run.frames[kind]))
     assert (loaded.final_image == decoded_run.final_image).all()
-    assert sorted(p.name for p in (tmp_path / "r" / "frames").iterdir())[:2] == ["x0_0001.png", "x0_0002.png"]
+    assert (loaded.start_frame == decoded_run.start_frame).all() and len(loaded.frames["xt"]) == 7
+    names = sorted(p.name for p in (tmp_path / "r" / "frames").iterdir())
+    assert names[:2] == ["x0_0001.png", "x0_0002.png"] and names[7:9] == ["xt_0000.png", "xt_0001.png"]
 
 
-def test_gif_loops_holds_the_last_frame_and_has_one_frame_per_step(decoded_run, tmp_path):
+def test_the_start_frame_is_the_initial_noise_decoded(decoded_run, tiny_pipe):
+    """Position 0 of the player and the exports: x_T, the model input of step 1, through the VAE (DDIM's input is
+    the seed's noise itself; Euler's is it at unit variance, the scale of its x_t frames)."""
+    from visualizer.engine.decode import vae_decode
+
+    x_in = decoded_run.tensors["x_in"]
+    assert torch.equal(x_in[0], decoded_run.tensors["initial_noise"][0])
+    assert (decoded_run.start_frame == vae_decode(tiny_pipe.vae, x_in[:1])[0]).all()
+    assert not (decoded_run.start_frame == decoded_run.frames["xt"][0]).all()  # not step 1's frame
+    euler = api.run("a red circle", model=decoded_run.settings.model, num_inference_steps=3, seed=5)
+    scale = euler.info.init_noise_sigma / (1 + euler.steps[0].sigma ** 2) ** 0.5  # scale_model_input's
+    assert euler.info.init_noise_sigma > 2 and torch.allclose(euler.tensors["x_in"][0],
+                                                               euler.tensors["initial_noise"][0] * scale, atol=1e-5)
+
+
+def test_gif_loops_holds_the_last_frame_and_has_the_start_and_one_frame_per_step(decoded_run, tmp_path):
     path = export_run(decoded_run, tmp_path, ["gif"], fps=10)["gif"]
     gif = Image.open(path)
-    assert gif.n_frames == 7 and gif.info["loop"] == 0
+    assert gif.n_frames == 1 + 7 and gif.info["loop"] == 0
     durations = []
     for i in range(gif.n_frames):
         gif.seek(i)
         durations.append(gif.info["duration"])
-    assert durations[:-1] == [100] * 6 and durations[-1] >= 1000
+    assert durations[:-1] == [100] * 7 and durations[-1] >= 1000
     assert gif.size[0] >= 256  # 32x32 frames upscaled to stay visible
 
 
 def test_gif_frames_show_the_decoded_steps(decoded_run, tmp_path):
     path = export_run(decoded_run, tmp_path, ["gif"], captions=False)["gif"]
     gif = Image.open(path)
-    gif.seek(6)
-    last = np.asarray(gif.convert("RGB").resize((32, 32), Image.Resampling.NEAREST)).astype(int)
-    assert np.abs(last - decoded_run.frames["xt"][-1].astype(int)).mean() < 12  # palette quantization only
+    shown = []
+    for i in (0, 7):
+        gif.seek(i)
+        shown.append(np.asarray(gif.convert("RGB").resize((32, 32), Image.Resampling.NEAREST)).astype(int))
+    for image, expected in zip(shown, (decoded_run.start_frame, decoded_run.frames["xt"][-1])):
+        assert np.abs(image - expected.astype(int)).mean() < 12  # palette quantization only
 
 
 def test_mp4_webp_zip_and_sheet_read_back(decoded_run, tmp_path):
@@ -84,12 +105,12 @@ def test_mp4_webp_zip_and_sheet_read_back(decoded_run, tmp_path):
     reader = imageio_ffmpeg.read_frames(str(written["mp4"]))
     meta = next(reader)
     frames = sum(1 for _ in reader)
-    assert frames == 7 + round(1.5 * 8) - 1 and meta["fps"] == 8
+    assert frames == 1 + 7 + round(1.5 * 8) - 1 and meta["fps"] == 8
     webp = Image.open(written["webp"])
-    assert webp.n_frames == 7 and webp.info.get("loop") == 0
+    assert webp.n_frames == 1 + 7 and webp.info.get("loop") == 0
     with zipfile.ZipFile(written["zip"]) as archive:
         names = archive.namelist()
-    assert len(names) == 14 and "xt_0007.png" in names and "x0_0001.png" in names
+    assert len(names) == 1 + 14 and {"xt_0000.png", "xt_0007.png", "x0_0001.png"} <= set(names)
     assert Image.open(written["sheet"]).width > Image.open(written["sheet"]).height
 
 
@@ -103,7 +124,7 @@ def test_grid_aligns_runs_by_progress(tiny_model, tmp_path):
     runs = api.compare("a blue square", ["Euler", "DDIM", "Heun"], model=tiny_model, num_inference_steps=5)
     written = export_grid(runs, tmp_path, ["png", "gif"])
     gif = Image.open(written["gif"])
-    assert gif.n_frames == 5
+    assert gif.n_frames == 1 + 5  # the shared start (the same initial noise), then the aligned steps
     single = Image.open(export_run(runs[0], tmp_path / "one", ["gif"])["gif"])
     assert gif.width > 2.5 * single.width
     assert math.isclose(Image.open(written["png"]).width, gif.width, rel_tol=0.01)

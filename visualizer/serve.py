@@ -30,7 +30,7 @@ from .api import DecodeUpdate, StepUpdate
 from .engine.decode import Preview, latent_preview, latent_rgb_factors
 from .errors import ReplicaLost
 from .engine.models import EMBEDDED, load_pipeline
-from .engine.run import FRAME_KINDS, Run, Settings
+from .engine.run import FRAME_KINDS, START, Run, Settings
 
 APP_NAME = "visualizer"  # the Serve application (and Ray namespace) of the replicas
 STOP_POLL = 0.02  # seconds between the front's checks of a run's should_stop
@@ -91,7 +91,7 @@ class Engine:
 
     def redecode(self, run: Run) -> tuple[dict, object]:
         api.redecode(run)
-        return run.frames, run.final_image
+        return run.frames, run.final_image, run.start_frame
 
     def forward_noising(self, run: Run, image) -> list:
         return api.forward_noising(run, image)
@@ -103,7 +103,7 @@ class Engine:
 def _on_cpu(event):
     """The step event with its tensors copied to the CPU (a copy: a view would send the whole batch's storage)."""
     return dataclasses.replace(event, **{k: getattr(event, k).to("cpu", copy=True)
-                                         for k in ("latents", "xt", "x0", "eps")})
+                                         for k in ("latents", "xt", "x0", "eps", "x_in")})
 
 
 def _new_frames(frames: dict, sent: dict) -> dict:
@@ -137,7 +137,10 @@ def _merge(into: dict, frames: dict) -> None:
 def _refill(run: Run, frames: dict) -> None:
     """Put back the frames the replica left out of a finished run (sent before, held in `frames`)."""
     for kind, steps in frames.items():
-        run.frames.setdefault(kind, [steps[step] for step in sorted(steps)])
+        if kind == START:
+            run.start_frame = steps[0] if run.start_frame is None else run.start_frame
+        else:
+            run.frames.setdefault(kind, [steps[step] for step in sorted(steps)])
 
 
 class LatentColours:
@@ -203,7 +206,8 @@ class Replicas:
                 return
 
     def redecode(self, run: Run) -> None:
-        run.frames, run.final_image = _result(self._handle.redecode.remote(dataclasses.replace(run, frames={})))
+        run.frames, run.final_image, run.start_frame = _result(self._handle.redecode.remote(
+            dataclasses.replace(run, frames={}, start_frame=None)))
 
     def forward_noising(self, run: Run, image=None) -> list:
         run.frames["forward"] = _result(self._handle.forward_noising.remote(dataclasses.replace(run, frames={}), image))

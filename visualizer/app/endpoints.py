@@ -2,8 +2,8 @@
 
 Images come back as files (gradio_client downloads them and hands back a local path); every other value is a
 number, a string or a list. A run is named by the `run_id` that /generate and /compare return (no session state, but for
-/stop, which stops the calling client's own run). Steps are 1-based as everywhere else; position 0 is not addressed here (the initial noise is a
-view of the player and the exports). The page's own events are private: this is the one public surface.
+/stop, which stops the calling client's own run). Steps are 1-based as everywhere else; /frame's step 0 is the start, the
+initial noise x_T decoded (position 0 of the player and the exports), the one place the API addresses it. The page's own events are private: this is the one public surface.
 
     from gradio_client import Client
     c = Client("http://127.0.0.1:7860/")
@@ -43,7 +43,7 @@ def _file(path: Path, image: np.ndarray) -> dict:
 def _step(run, step) -> int:
     """A 1-based step of `run` from a caller, as a 0-based index; UserError unless it is a whole step of the run."""
     if isinstance(step, bool) or not isinstance(step, int) or not 1 <= step <= len(run):
-        raise UserError(f"step must be a whole number from 1 to {len(run)}, got {step!r}.")
+        raise UserError(f"step must be a whole number from 1 to {len(run)} (/frame: or 0, the start), got {step!r}.")
     return step - 1
 
 
@@ -113,10 +113,16 @@ class Endpoints:
                    "grid_image": _file(self._folder(out.run_id) / "grid.png", out.grid_image)}
 
     def frame(self, run_id: str, step: int, view: str = "xt") -> tuple[FileData, str]:
-        """The image of a step (1-based) in a view (xt, x0, both, latents, noise, forward, map) and its line."""
+        """The image of a step (1-based) in a view (xt, x0, both, latents, noise, forward, map) and its line; step 0
+        is the start (the initial noise, decoded; views xt, x0 and both show it)."""
         run = self.runs.get(run_id)[0]
-        index = _step(run, step)
         key = _view(view, tuple(views.VIEWS.values()))
+        if step == 0 and not isinstance(step, bool) and run.start_frame is not None and len(run):
+            if key not in ("xt", "x0", "both"):
+                raise UserError(f"Step 0, the start, has only the views xt, x0 and both, not {key!r}.")
+            return (_file(self._folder(run_id) / f"frame-{key}-0000.png", views.start_frame(run, key)),
+                    views.describe_start(run))
+        index = _step(run, step)
         try:
             image = views.frame(run, index, key)
         except ValueError as error:

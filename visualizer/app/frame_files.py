@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..engine.run import Run, Step
+from ..engine.run import START, Run, Step
 from ..analysis import image_map
 from ..analysis import word_maps
 from ..analysis.metrics import change_image
@@ -23,6 +23,7 @@ PNG_MAX_SIDE = 256  # frames up to this size are PNG; larger ones WebP
 DRAWN_KINDS = ("map",)  # flat drawings: PNG at any size (smaller and 3x faster to write than WebP for these)
 WEBP_QUALITY = 90
 STEP_KINDS = ("xt", "x0", "latents", "noise", "change")  # what every step gets; "forward" comes on request
+START_LATENTS = "start-latents"  # the start's latent channels (its decoded frame is kind run.START)
 
 
 @dataclass
@@ -36,6 +37,8 @@ class Cell:
     words: dict | None = None  # word maps: {"tokens": [...], "shares": per step, each token's share}; their
     # heatmaps are the kinds "attn0", "attn1", ... (per step) and "attn0-all", ... (all steps, one image)
     prediction: str | None = None  # what the model outputs (RunInfo.prediction_type), once the run is done
+    start: bool = True  # the run has a start frame (the initial noise, kinds START and START_LATENTS); False for
+    # runs saved before there was one
 
 
 class RunFiles:
@@ -68,6 +71,8 @@ class RunFiles:
             cell.steps.append(event.step)
         self._write(number, "latents", index, latent_tiles(event.xt[0]))
         self._write(number, "noise", index, latent_tiles(event.eps[0]))
+        if index == 0:
+            self._write(number, START_LATENTS, 0, latent_tiles(event.x_in[0]))
 
     def add_decoded(self, frames: dict[int, dict[str, dict[int, np.ndarray] | list[np.ndarray]]],
                     first_cell: int = 0) -> None:
@@ -94,10 +99,15 @@ class RunFiles:
         self.cells[cell].steps = list(run.steps)
         self.cells[cell].total = len(run)
         self.cells[cell].prediction = run.info.prediction_type
+        self.cells[cell].start = run.start_frame is not None
         if {"xt", "eps"} <= set(run.tensors):  # a saved run may come without its tensors (frames only)
             for index in range(len(run)):
                 self._write(cell, "latents", index, latent_tiles(run.tensors["xt"][index]))
                 self._write(cell, "noise", index, latent_tiles(run.tensors["eps"][index]))
+        if run.start_frame is not None:
+            self._write(cell, START, 0, run.start_frame)
+            if "x_in" in run.tensors:
+                self._write(cell, START_LATENTS, 0, latent_tiles(run.tensors["x_in"][0]))
         self.add_decoded({cell: {k: run.frames[k] for k in ("xt", "x0") if k in run.frames}})
         if "attention" in run.tensors and run.info.attention:
             tokens = run.info.attention["tokens"]

@@ -88,6 +88,17 @@ class GenerateTab:
         images = (np.asarray(upscale(parts[k], 160)) if k in parts else None for k in GUIDANCE_PARTS)
         return GuidancePanel(*images, guidance_note(run))
 
+    def guidance_at(self, run_id, position) -> GuidancePanel:
+        """The guidance panel at a player position (1-based; a run with a start frame starts there, before step 1)."""
+        if not run_id:
+            return GuidancePanel(None, None, None, None, "")
+        run = self.runs.get(run_id)[0]
+        step = position and int(position) - (run.start_frame is not None)
+        if step == 0:
+            return GuidancePanel(None, None, None, None, "The start: the initial noise, before the model has run. "
+                                                         "Move to step 1 or later to see what guidance does.")
+        return self.guidance(run_id, step)
+
     def noise_image(self, run_id, image):
         """Forward-noise an uploaded image (or the run's final image) at the run's noise levels; a player view."""
         if not run_id:

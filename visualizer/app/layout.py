@@ -203,7 +203,7 @@ def _generate_tab(app: App, model_event: dict) -> tuple[gr.State, list[gr.Image]
         app.runs.stop(request.session_hash)
 
     stop_button.click(stop, None, None, queue=False, **PAGE)
-    play.change(tab.guidance, [run_id, play], guidance_panel, show_progress="hidden", trigger_mode="always_last",
+    play.change(tab.guidance_at, [run_id, play], guidance_panel, show_progress="hidden", trigger_mode="always_last",
                 **PAGE)
     noise_button.click(tab.noise_image, [run_id, upload], [play, forward_status], **model_event, **PAGE)
     map_button.click(tab.map_seeds, [prompt, controls.negative, controls.seed, controls.steps, controls.guidance,

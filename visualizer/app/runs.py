@@ -21,11 +21,11 @@ from ..api import DecodeUpdate, StepUpdate
 from ..demo_model import vocabulary
 from ..engine.labels import comparison_labels, model_name
 from ..engine.models import ALIASES, EMBEDDED, EMBEDDED_NAMES, embedded_name, family_of_reference
-from ..engine.run import Run, Settings
+from ..engine.run import START, Run, Settings
 from ..engine.samplers import valid_for
 from ..errors import SettingsError, VisualizerError, user_message
 from ..media import views
-from .frame_files import RunFiles
+from .frame_files import START_LATENTS, RunFiles
 from .player import PlayerCell, PlayerProps, step_props
 from .store import RunStore
 
@@ -79,12 +79,31 @@ def url(path: Path) -> str:
 def player_props(files: RunFiles | None, run_id: str, *, live: bool = False, progress: float = 1.0,
                  status: str = "", view: str | None = None) -> dict:
     """The player's props for the runs `files` holds (see player.py for their meaning)."""
-    cells = [] if files is None else [
-        PlayerCell(label=c.label, total=c.total, steps=[step_props(s) for s in c.steps],
-                   frames={kind: [url(p) if p else None for p in paths] for kind, paths in c.paths.items()},
-                   curve=c.curve, structure=c.structure, words=c.words, prediction=c.prediction) for c in files.cells]
+    cells = [] if files is None else [_player_cell(c) for c in files.cells]
     return PlayerProps(cells=cells, views=[(key, label) for label, key in views.VIEWS.items()], live=live,
                        progress=progress, status=status, run=run_id, view=view).as_props()
+
+
+# a view -> its frame at the start, where it has one ("forward": the image noised to step 1's input level, the start's)
+START_VIEWS = {"xt": START, "x0": START, "latents": START_LATENTS, "forward": "forward"}
+
+
+def _player_cell(cell) -> PlayerCell:
+    """A frame_files.Cell on the player: with its start (position 0, the initial noise) where it has one."""
+    frames = {kind: [url(p) if p else None for p in paths] for kind, paths in cell.paths.items()
+              if kind not in (START, START_LATENTS)}
+    steps = [step_props(s) for s in cell.steps]
+    if not cell.start:
+        return PlayerCell(label=cell.label, total=cell.total, steps=steps, frames=frames, curve=cell.curve,
+                          structure=cell.structure, words=cell.words, prediction=cell.prediction)
+    for kind in frames:
+        if kind.endswith("-all"):  # a word's map over all steps: one image, not one per step
+            continue
+        first = cell.paths.get(START_VIEWS.get(kind, ""), [None])[0]
+        frames[kind] = [url(first) if first else None, *frames[kind]]
+    start = [{**steps[0], "index": 0, "evals": 0}] if steps else []
+    return PlayerCell(label=cell.label, total=cell.total + 1, steps=start + steps, frames=frames, curve=cell.curve,
+                      structure=cell.structure, words=cell.words, prediction=cell.prediction, start=True)
 
 
 def vocabulary_notice(prompt: str, model: str) -> str:

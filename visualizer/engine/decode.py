@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .families import BY_KEY, family_of
+from .run import START
 
 # each family's latent -> RGB factors and bias and its TAESD are its adapter's (families.py)
 LATENT_RGB_FILE = "latent_rgb.json"  # optional, in a model folder: {"factors": channels x 3, "bias": 3}
@@ -177,7 +178,8 @@ class StreamingDecoder:
     """A step callback that VAE-decodes the x_t and x0-hat frames of finished steps, exactly, in an order a
     person watching the run wants them, and the same way every time.
 
-    Frames are decoded in fixed blocks of consecutive steps (step 1 alone, so that the first frame shows at
+    The start (step 1's model input: the initial noise) is decoded alone when step 1 ends, kind START. Frames are
+    decoded in fixed blocks of consecutive steps (step 1 alone, so that the first frame shows at
     once, then `decode_batch_size` frames at a time: batching amortises
     the decoder's per-call cost, and a frame's rounding depends on its batch, so fixed blocks make every
     frame bit-identical from run to run, whatever the timing). During the run a block is decoded as soon as
@@ -205,14 +207,17 @@ class StreamingDecoder:
             self._started = self.clock()
         if self._block_steps is None:
             self._block_steps = max(1, decode_batch_size(self.vae, event.latents) // len(self.kinds))
+        if event.step.index == 1 and "xt" in self.kinds:  # the start, alone: the film's first frame (decode_run's)
+            self._decode([(event.sampler_index, START, 0, event.x_in)])
         block = self._filling.setdefault(event.sampler_index, [])
         block += [(event.sampler_index, kind, event.step.index - 1, getattr(event, kind)) for kind in self.kinds]
-        steps = 1 if block[0][2] == 0 else self._block_steps  # step 1 alone: the first frame comes at once
+        first = block[0][2] == 0
+        steps = 1 if first else self._block_steps  # step 1 alone, always decoded: the first frame comes at once
         if len(block) < steps * len(self.kinds):
             return
         del self._filling[event.sampler_index]
         cost = self._decoding + self._frame_cost * len(block)
-        if self.budget is None or cost <= self.budget * (self.clock() - self._started):
+        if self.budget is None or first or cost <= self.budget * (self.clock() - self._started):
             self._decode(block)
         else:
             self._waiting.append(block)
@@ -270,12 +275,15 @@ class StreamingDecoder:
             pass
         for index, run in enumerate(runs):
             for kind, frames in self.frames.get(index, {}).items():
-                run.frames[kind] = [frames[step] for step in sorted(frames)]
+                if kind == START:
+                    run.start_frame = frames[0]
+                else:
+                    run.frames[kind] = [frames[step] for step in sorted(frames)]
             decode_run(run, self.vae, self.kinds)
 
 
 def decode_run(run, vae, kinds: tuple[str, ...] = ("xt", "x0"), batch_size: int | None = None) -> None:
-    """Decode every step of `run` for each kind in place (run.frames) and set run.final_image. The last x_t (the
+    """Decode every step of `run` for each kind in place (run.frames), its start (with "xt") and final image. The last x_t (the
     final image) is decoded alone, as the run's own decoder and diffusers' pipeline decode it: a batch can round
     differently on some CPUs."""
     for kind in kinds:
@@ -284,6 +292,8 @@ def decode_run(run, vae, kinds: tuple[str, ...] = ("xt", "x0"), batch_size: int 
             alone = 1 if kind == "xt" and len(run) else 0
             run.frames[kind] = (list(vae_decode(vae, latents[:len(latents) - alone], batch_size)) if len(latents) > alone
                                 else []) + (list(vae_decode(vae, latents[-1:])) if alone else [])
+    if run.start_frame is None and "xt" in kinds and "x_in" in run.tensors and len(run):
+        run.start_frame = vae_decode(vae, run.tensors["x_in"][:1])[0]
     if len(run) and not run.info.stopped:
         run.final_image = run.frames["xt"][-1] if "xt" in run.frames else vae_decode(vae, run.tensors["latents"][-1:])[0]
 

@@ -55,6 +55,8 @@ class StepEvent:
     xt: torch.Tensor  # the same latents in the model-input scale (variance-preserving; flow models: as they are)
     x0: torch.Tensor  # predicted clean latents at the step's start
     eps: torch.Tensor  # the guided noise prediction at the step's start
+    x_in: torch.Tensor  # the model input at the step's start, in x_t's scale (step 1: the initial noise x_T, or
+    # img2img's noised init image)
     total_steps: int  # steps this sampler will run in all (fewer than the schedule's for img2img)
 
 
@@ -386,7 +388,7 @@ def _round(pipe, family, loops, conditioning, recorder: AttentionRecorder | None
         if step is not None:
             c = loop.captured
             events.append(StepEvent(i, step, c["latents"][-1], c["xt"][-1], c["x0"][-1], c["eps"][-1],
-                                    loop.total_steps))
+                                    c["x_in"][-1], loop.total_steps))
     return events
 
 

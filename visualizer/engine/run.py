@@ -2,7 +2,7 @@
 
 A saved run folder holds `run.json` (format version, settings, one entry per step, `RunInfo`),
 `tensors.safetensors` (latents, x0-hat and noise predictions of every step) and, once decoded,
-`frames/xt_0001.png ...`. Bundles written before the version field existed, or with older names of RunInfo
+`frames/xt_0001.png ...` (step 1 on) and `frames/xt_0000.png`, the start: the initial noise x_T decoded. Bundles written before the version field existed, or with older names of RunInfo
 fields (RENAMED), still load.
 """
 from __future__ import annotations
@@ -27,6 +27,8 @@ MAX_PIXELS = 1024 * 1024
 MAX_SEED = 2**63 - 1
 MAX_GUIDANCE = 50.0
 FRAME_KINDS = ("xt", "x0")  # decoded latents after the step, predicted clean image
+START = "start"  # the start frame's kind where frames are indexed by kind (decode.StreamingDecoder.frames)
+START_FILE = "xt_0000.png"  # the start frame (Run.start_frame) in a run folder's frames/
 
 
 @dataclass
@@ -253,6 +255,8 @@ class Run:
     info: RunInfo
     frames: dict[str, list[np.ndarray]] = field(default_factory=dict)  # kind -> uint8 HxWx3 per step
     final_image: np.ndarray | None = None  # uint8 HxWx3, the decoded final latents
+    start_frame: np.ndarray | None = None  # uint8 HxWx3, the start before step 1: step 1's model input decoded (the
+    # initial noise x_T; img2img: the noised init image). Position 0 of the player and the exports, not a step
 
     def __len__(self) -> int:
         return len(self.steps)
@@ -268,6 +272,8 @@ class Run:
         for kind, frames in self.frames.items():
             for i, frame in enumerate(frames, start=1):
                 Image.fromarray(frame).save(folder / "frames" / f"{kind}_{i:04d}.png")
+        if self.start_frame is not None:
+            Image.fromarray(self.start_frame).save(folder / "frames" / START_FILE)
         if self.final_image is not None:
             Image.fromarray(self.final_image).save(folder / "final.png")
         if self.settings.init_image is not None:
@@ -291,9 +297,11 @@ class Run:
         tensors = load_file(str(folder / "tensors.safetensors")) if (folder / "tensors.safetensors").exists() else {}
         frames = {}
         for kind in FRAME_KINDS:
-            paths = sorted((folder / "frames").glob(f"{kind}_*.png"))
+            paths = [p for p in sorted((folder / "frames").glob(f"{kind}_*.png")) if p.name != START_FILE]
             if paths:
                 frames[kind] = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
         final = folder / "final.png"
         final_image = np.asarray(Image.open(final).convert("RGB")) if final.exists() else None
-        return cls(settings, steps, tensors, RunInfo.from_dict(doc.get("info", {})), frames, final_image)
+        start = folder / "frames" / START_FILE
+        start_frame = np.asarray(Image.open(start).convert("RGB")) if start.exists() else None
+        return cls(settings, steps, tensors, RunInfo.from_dict(doc.get("info", {})), frames, final_image, start_frame)

@@ -14,7 +14,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from ..engine.labels import comparison_labels, step_label
+from ..engine.run import START_FILE
+from ..engine.labels import comparison_labels, start_label, step_label
 
 
 MIN_SIZE = 256
@@ -93,9 +94,14 @@ def save_mp4(images: Sequence[Image.Image], path: str | Path, fps: float = 8, ho
     return Path(path)
 
 
-def save_zip(frames: dict[str, Sequence[np.ndarray]], path: str | Path) -> Path:
-    """PNG frames at native size, named like kind_0001.png, in one ZIP."""
+def save_zip(frames: dict[str, Sequence[np.ndarray]], path: str | Path, start: np.ndarray | None = None) -> Path:
+    """PNG frames at native size, named like kind_0001.png (step 1 on), in one ZIP; `start` (the initial noise) as
+    xt_0000.png, as in a run folder."""
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as archive:
+        if start is not None:
+            buffer = io.BytesIO()
+            Image.fromarray(start).save(buffer, format="PNG")
+            archive.writestr(START_FILE, buffer.getvalue())
         for kind, items in frames.items():
             for i, frame in enumerate(items, start=1):
                 buffer = io.BytesIO()
@@ -153,6 +159,18 @@ def view_frames(run, view: str = "xt") -> list[np.ndarray]:
     return list(run.frames[view])
 
 
+def film(run, view: str = "xt", start: bool = True) -> tuple[list[np.ndarray], list[str]]:
+    """What an animation of `run` shows, with a label per frame: the start (with `start`, where the run has it: the
+    initial noise, in every view, as nothing is predicted before step 1), then each step in `view`."""
+    frames, labels = view_frames(run, view), [step_label(s, len(run)) for s in run.steps]
+    if not start or run.start_frame is None or not frames:
+        return frames, labels
+    start = run.start_frame
+    if view == "both":
+        start = np.concatenate([start, np.full((start.shape[0], 2, 3), 20, np.uint8), start], axis=1)
+    return [start, *frames], [start_label(run), *labels]
+
+
 ANIMATIONS = {"gif": ("denoising.gif", save_gif), "mp4": ("denoising.mp4", save_mp4), "webp": ("denoising.webp", save_webp)}
 RUN_FORMATS = (*ANIMATIONS, "zip", "sheet")  # what export_run writes
 GRID_FORMATS = ("png", *ANIMATIONS)  # what export_grid writes
@@ -163,8 +181,7 @@ def export_run(run, folder: str | Path, formats: Sequence[str] = ("gif",), view:
     """Write the asked exports of a decoded run into `folder`: gif, mp4, webp, zip, sheet. Returns their paths."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    labels = [step_label(s, len(run)) for s in run.steps]
-    frames = view_frames(run, view)
+    frames, labels = film(run, view)
     written: dict[str, Path] = {}
     animations = [f for f in formats if f in ANIMATIONS]
     if animations:
@@ -173,7 +190,7 @@ def export_run(run, folder: str | Path, formats: Sequence[str] = ("gif",), view:
             name, save = ANIMATIONS[fmt]
             written[fmt] = save(images, folder / name, fps=fps)
     if "zip" in formats:
-        written["zip"] = save_zip(run.frames, folder / "frames.zip")
+        written["zip"] = save_zip(run.frames, folder / "frames.zip", run.start_frame)
     if "sheet" in formats:
         written["sheet"] = folder / "sheet.png"
         contact_sheet(frames, labels).save(written["sheet"])
@@ -201,8 +218,13 @@ def export_grid(runs, folder: str | Path, formats: Sequence[str] = ("png", "gif"
         grid(finals, names, columns).save(written["png"])
     animations = [f for f in formats if f in ANIMATIONS]
     if animations:
-        labels = [[f"{name} · {step_label(s, len(r))}" for s in r.steps] for r, name in zip(runs, names)]
-        images = grid_frames([view_frames(r, view) for r in runs], labels, columns)
+        starts = all(r.start_frame is not None for r in runs)  # a shared first frame, then aligned steps
+        films = [film(r, view, starts) for r in runs]
+        labels = [[f"{name} · {label}" for label in film_labels] for (_, film_labels), name in zip(films, names)]
+        images = grid_frames([frames[starts:] for frames, _ in films], [lab[starts:] for lab in labels], columns)
+        if starts:
+            first = [upscale(frames[0]) for frames, _ in films]
+            images.insert(0, grid(first, [lab[0] for lab in labels], columns))
         for fmt in animations:
             written[fmt] = ANIMATIONS[fmt][1](images, folder / f"grid.{fmt}", fps=fps)
     return written

@@ -9,8 +9,8 @@ import math
 import numpy as np
 import torch
 
-from .export import MIN_SIZE, grid, upscale, view_frames
-from ..engine.labels import comparison_labels, step_label
+from .export import MIN_SIZE, film, grid, upscale, view_frames
+from ..engine.labels import comparison_labels, start_what, step_label
 
 VIEWS = {  # UI label -> key
     "x_t (noisy latents, decoded)": "xt",
@@ -56,6 +56,18 @@ def frame(run, index: int, view: str = "xt") -> np.ndarray:
     else:
         raise ValueError(f"Unknown view {view!r}.")
     return np.asarray(upscale(image, 128))
+
+
+def start_frame(run, view: str = "xt") -> np.ndarray:
+    """The start (the initial noise before step 1, Run.start_frame) as `view` ('xt', 'x0' or 'both') shows it."""
+    return np.asarray(upscale(film(run, view)[0][0], MIN_SIZE))
+
+
+def describe_start(run) -> str:
+    """One line about the start: what it is and its noise level (that of step 1's input)."""
+    first = run.steps[0]
+    return (f"Start (before step 1 of {len(run)}): {start_what(run)} · timestep t = {first.timestep:.0f} · "
+            f"sigma = {first.sigma:.3f} · noise share {first.noise_share:.0%}")
 
 
 def describe(run, index: int) -> str:

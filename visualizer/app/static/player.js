@@ -11,9 +11,15 @@ function preload(url) { if (url && !cache.has(url)) { const im = new Image(); im
 function cells() { return props.cells || []; }
 function positions() { return Math.max(1, ...cells().map(c => c.total || 1)); }
 function available() { return Math.max(0, ...cells().map(c => (c.steps || []).length)); }
-function indexFor(cell, p) {  // the cell's step (0-based) at the same progress as position p
-  const n = cell.total || 1;
-  return Math.max(0, Math.min(n - 1, Math.ceil(p / positions() * n) - 1));
+function starts() { return cells().some(c => c.start); }
+function progressAt(p) {  // 0..1 through the schedules at position p (with a start, position 1 is 0%)
+  return starts() ? (p - 1) / Math.max(1, positions() - 1) : p / positions();
+}
+function stepsOf(cell) { return (cell.total || 1) - (cell.start ? 1 : 0); }  // sampler steps, the start aside
+function stepOf(cell, i) { return cell.start ? i : i + 1; }  // the 1-based step at index i (0: the start)
+function indexFor(cell, p) {  // the cell's index into its positions at the same progress as position p
+  const n = cell.total || 1, k = Math.ceil(progressAt(p) * stepsOf(cell) - 1e-9);
+  return Math.max(0, Math.min(n - 1, cell.start ? k : k - 1));
 }
 function frameAt(cell, kind, i) {  // newest frame of `kind` at or before step i: [url, step]
   const list = (cell.frames || {})[kind] || [];
@@ -94,18 +100,20 @@ function show(p) {  // put position p on screen: frames, captions, label, plot m
     f.over.style.opacity = $('.vp-opacity').value;
     drawTrace(cell, f, i);
     const s = (cell.steps || [])[Math.min(i, (cell.steps || []).length - 1)];
-    const pending = shownStep < i ? ` · step ${i + 1} still computing` : '';
+    const pending = shownStep < i ? ` · ${stepName(cell, i)} still computing` : '';
+    const none = cell.start && i === 0 ? 'nothing predicted before step 1' : 'not decoded yet';
     f.cap.textContent = all.length > 1 ? cell.label + ' · ' +
-      (s ? `${stepName(cell, shownStep)} · t=${fmt(s.t, 0)} · sigma=${fmt(s.sigma, 2)}` : '') + pending
-      : shownStep < 0 ? 'not decoded yet' : pending.replace(' · ', '');
+      (shownStep < 0 ? none : s ? `${stepName(cell, shownStep)} · t=${fmt(s.t, 0)} · sigma=${fmt(s.sigma, 2)}` : '') +
+      (shownStep < 0 ? '' : pending)
+      : shownStep < 0 ? none : pending.replace(' · ', '');
   });
   const first = all[0];
   if (first) {
     const i = indexFor(first, p), s = (first.steps || [])[i];
     label.textContent = all.length > 1
-      ? `${Math.round(p / positions() * 100)}% through each schedule (position ${p} of ${positions()})`
+      ? `${Math.round(progressAt(p) * 100)}% through each schedule (position ${p} of ${positions()})`
       : s ? (s.index === 0 ? 'Start: the initial noise, before step 1' : `Step ${s.index} of ${first.total - (first.start ? 1 : 0)}`) + ` · timestep t = ${fmt(s.t, 0)} · sigma = ${fmt(s.sigma, 3)} · noise ${Math.round(s.share * 100)}%` +
-            (s.evals > 1 ? ` · ${s.evals} model evaluations` : '') : `Step ${i + 1} of ${first.total} · computing…`;
+            (s.evals > 1 ? ` · ${s.evals} model evaluations` : '') : `Step ${stepOf(first, i)} of ${stepsOf(first)} · computing…`;
   } else label.textContent = 'No run yet: press Generate.';
   markers(p); numbers(p); change(p); wordsMarker(p);
 }
@@ -139,7 +147,10 @@ function words() {  // chips for the first cell's tokens; the Words tab's share 
 }
 function wordsMarker(p) {
   const line = $('.vp-words-line'), first = cells()[0];
-  if (line && first) { const x = scale(indexFor(first, p) + 1, 1, Math.max(first.total, 2), X0, X1); line.setAttribute('x1', x); line.setAttribute('x2', x); }
+  if (line && first) {
+    const k = stepOf(first, indexFor(first, p)), x = k ? scale(k, 1, Math.max(stepsOf(first), 2), X0, X1) : -9;
+    line.setAttribute('x1', x); line.setAttribute('x2', x);
+  }
 }
 
 function stepX(cell, i) {  // the schedule plot's x for a cell's step index i
@@ -169,7 +180,7 @@ function plots() {  // drawn once per update; `markers` moves only the slider's 
   const items = [];
   cells().forEach((cell, c) => {
     if (!cell.curve) return;
-    const color = COLORS[c % COLORS.length], n = cell.total;
+    const color = COLORS[c % COLORS.length], n = stepsOf(cell);
     const pts = cell.curve.map((v, i) => `${scale((i + 1) / n, 0, 1, X0, X1)},${scale(v, 0, 1, Y0, Y1)}`).join(' ');
     svg += `<polyline points="${pts}" fill="none" stroke="${color}" stroke-width="2"/>`;
     if (cell.structure) {
@@ -200,9 +211,9 @@ function plots() {  // drawn once per update; `markers` moves only the slider's 
 function markers(p) {
   element.querySelectorAll('.vp-mark').forEach(m => {
     const cell = cells()[+m.dataset.cell]; if (!cell || !cell.curve) return;
-    const i = Math.min(indexFor(cell, p), cell.curve.length - 1);
-    m.setAttribute('cx', scale((i + 1) / cell.total, 0, 1, X0, X1));
-    m.setAttribute('cy', scale(cell.curve[i], 0, 1, Y0, Y1));
+    const k = Math.min(stepOf(cell, indexFor(cell, p)), cell.curve.length);  // the start has no x0-hat: no mark
+    m.setAttribute('cx', k ? scale(k / stepsOf(cell), 0, 1, X0, X1) : -20);
+    m.setAttribute('cy', k ? scale(cell.curve[k - 1], 0, 1, Y0, Y1) : -20);
   });
   const line = $('.vp-mark-line'), first = cells()[0];
   if (line && first) { const x = stepX(first, indexFor(first, p)); line.setAttribute('x1', x); line.setAttribute('x2', x); }
