@@ -1,5 +1,6 @@
 """The app in a real headless Chromium, pressed as a person would: every control of the player, the
 settings, the comparison and the downloads; screenshots (SCREENSHOT_DIR) for a person to look at."""
+import io
 import os
 import re
 import shutil
@@ -298,6 +299,11 @@ def test_settings_downloads_and_forward_noising(server, browser, tmp_path):
     (tmp_path / "d.gif").write_bytes(data)
     gif = Image.open(tmp_path / "d.gif")
     assert gif.format == "GIF" and gif.n_frames == 1 + 8  # the start, then every step
+    page.locator("#dl-html").click()  # the player as one page (tests/test_page.py opens such a page offline)
+    page.wait_for_function("document.querySelector('#download-file a')?.href.includes('player.html')", timeout=30000)
+    href = page.locator("#download-file a").first.get_attribute("href")
+    text = urllib.request.urlopen(href if href.startswith("http") else server.rstrip("/") + href).read().decode()
+    assert text.count("data:image/webp;base64,") == 2 * (1 + 8) and "“a red circle on the left”" in text
     generate(page, steps=5)  # a new run clears the previous run's download
     player.wait_status("Done: 5 steps")
     assert page.locator("#download-file a").count() == 0
@@ -355,6 +361,16 @@ def test_compare_grid_runs_and_its_shared_slider_moves_every_cell(server, browse
     captions = page.locator("#c-player .vp-cell figcaption").all_inner_texts()
     assert [c.split(" · ")[0] for c in captions] == ["Euler", "DDIM", "DPM++ 2M", "Euler a"]
     shot(page, "compare-1280")
+    for fmt, check in (("gif", lambda data: Image.open(io.BytesIO(data)).n_frames > 10),  # (repeats merge)
+                       ("mp4", lambda data: data[4:8] == b"ftyp"),
+                       ("png", lambda data: Image.open(io.BytesIO(data)).width > 4 * 256),
+                       ("html", lambda data: data.decode().count("data:image/webp;base64,") == 4 * 2 * (1 + 25))):
+        page.locator(f"#c-dl-{fmt}").click()  # every download button of the comparison
+        page.wait_for_function(f"document.querySelector('#c-download-file a')?.href.includes('grid.{fmt}') || "
+                               f"document.querySelector('#c-download-file a')?.href.includes('player.{fmt}')",
+                               timeout=60000)
+        href = page.locator("#c-download-file a").first.get_attribute("href")
+        assert check(urllib.request.urlopen(href if href.startswith("http") else server.rstrip("/") + href).read()), fmt
     page.close()
 
 

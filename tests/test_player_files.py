@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from visualizer.app import player
+from visualizer.media import player
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,7 +38,7 @@ def test_the_module_serves_the_files_as_they_are_on_disk():
 
 def test_the_static_files_are_package_data():
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    patterns = config["tool"]["setuptools"]["package-data"]["visualizer.app"]
+    patterns = config["tool"]["setuptools"]["package-data"]["visualizer.media"]
     assert {p.name for p in player.STATIC.iterdir()} == {"player.html", "player.css", "player.js"}
     assert all(any(Path("static", f.name).match(p) for p in patterns) for f in player.STATIC.iterdir())
 

@@ -66,9 +66,12 @@ def load_options(args) -> LoadOptions:
     return LoadOptions(dtype=args.dtype, offload=args.offload, configs=tuple(args.model_config))
 
 
+HTML_HELP = "write player.html: the player as one self-contained page (open it from disk, or embed it in a blog post)"
+
+
 def _add_format_flags(p: argparse.ArgumentParser) -> None:
     for fmt in FORMATS:
-        p.add_argument(f"--{fmt}", action="store_true", help=f"write the {fmt} export")
+        p.add_argument(f"--{fmt}", action="store_true", help=HTML_HELP if fmt == "html" else f"write the {fmt} export")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "first of --samplers where it fits it (else Euler)")
     _add_generation_options(p)
     p.add_argument("--mp4", action="store_true", help="also write grid.mp4")
+    p.add_argument("--html", action="store_true", help=HTML_HELP.replace("the player", "the comparison's player"))
     p.add_argument("--runs-only", action="store_true", help="write only the run folders (no grid or plots)")
     p = sub.add_parser("toy", help="the 2D playground: points flowing from noise onto a pattern")
     toy = TOY_DEFAULTS
@@ -270,9 +274,11 @@ def cmd_compare(args) -> None:
     if args.runs_only:
         print(f"{what} -> {args.out}/ (one run folder each)")
         return
-    export_grid(runs, args.out, ["png", "gif"] + (["mp4"] if args.mp4 else []), view=args.view, fps=args.fps)
+    extra = [f for f in ("mp4", "html") if getattr(args, f)]
+    written = export_grid(runs, args.out, ["png", "gif", *extra], view=args.view, fps=args.fps)
     write_plots(runs, args.out)
-    print(f"{what} -> {args.out}/ (grid.png, grid.gif, convergence.png, one run folder each)")
+    names = ", ".join(p.name for p in written.values())
+    print(f"{what} -> {args.out}/ ({names}, convergence.png, one run folder each)")
 
 
 TOY_FLAGS = {"pattern": ("pattern", str), "num_inference_steps": ("steps", int), "seed": ("seed", int),

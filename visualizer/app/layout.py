@@ -19,7 +19,7 @@ from ..engine.models import ALIASES, EMBEDDED_MODELS, embedded_name
 from ..engine.run import DEFAULTS, MAX_STEPS
 from ..engine.samplers import sampler_names
 from ..toy import model as toy
-from . import player
+from ..media import player
 from .compare import MAX_COMPARED_SAMPLERS, CompareOutputs
 from .generate import MAX_MAP_SEEDS, GenerateOutputs
 from .handlers import App
@@ -162,7 +162,7 @@ def _generate_tab(app: App, model_event: dict) -> tuple[gr.State, list[gr.Image]
             with gr.Row():
                 buttons = {fmt: gr.Button(label, size="sm", elem_id=f"dl-{fmt}") for fmt, label in
                            [("gif", "GIF"), ("mp4", "MP4"), ("webp", "WebP"), ("zip", "Frames (ZIP)"),
-                            ("run", "Saved run (ZIP)")]}
+                            ("html", "Interactive page (HTML)"), ("run", "Saved run (ZIP)")]}
             file_out = gr.File(label="File", elem_id="download-file")
         with gr.Tab("Forward noising"):
             gr.Markdown(PROSE["forward"], elem_classes="explain")
@@ -231,7 +231,8 @@ def _compare_tab(app: App, model_event: dict) -> None:
             gr.Markdown(PROSE["compare"], elem_classes="explain")
             with gr.Row():
                 buttons = {fmt: gr.Button(label, size="sm", elem_id=f"c-dl-{fmt}") for fmt, label in
-                           [("gif", "Grid GIF"), ("mp4", "Grid MP4"), ("png", "Final images (PNG)")]}
+                           [("gif", "Grid GIF"), ("mp4", "Grid MP4"), ("png", "Final images (PNG)"),
+                            ("html", "Interactive page (HTML)")]}
             file_out = gr.File(label="File", elem_id="c-download-file")
     run_id = gr.State((app.runs.example or (None, None))[1])
     status = gr.Markdown(visible=False, elem_id="c-status")

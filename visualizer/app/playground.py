@@ -18,19 +18,13 @@ from .. import api
 from ..toy import model as toy
 from ..toy import render as toy_render
 from ..errors import SettingsError
-from .player import PlayerCell, PlayerProps, step_props
-from ..engine.run import Step
+from ..media.player import PlayerCell, PlayerProps, start_props, step_props
 from .store import RunStore
 from .runs import UserError, url
 
 MAX_SAMPLERS = 4
 KEPT_RUNS = 32  # 2D runs whose files are kept for the players; older ones are deleted
 TABS = ["schedule", "numbers"]  # the player's insight tabs that mean something for points
-
-
-def _start(first: Step) -> dict:
-    """The player's position 0: the initial noise, at the noise level of step 1's input."""
-    return {**step_props(first), "index": 0, "evals": 0}
 
 
 class Playground:
@@ -77,7 +71,7 @@ class Playground:
             trace = folder / f"{c}-trace.json"
             trace.write_text(json.dumps(toy_render.trace(run), separators=(",", ":")))
             cells.append(PlayerCell(label=run.settings.sampler, total=len(run) + 1, start=True, trace=url(trace),
-                                    steps=[_start(run.steps[0])] + [step_props(s) for s in run.steps], frames=frames))
+                                    steps=[start_props(run.steps[0])] + [step_props(s) for s in run.steps], frames=frames))
         return PlayerProps(cells=cells, views=list(toy_render.VIEWS.items()), status=_status(runs), run=run_id,
                            tabs=TABS).as_props()
 

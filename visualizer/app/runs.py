@@ -26,7 +26,7 @@ from ..engine.samplers import valid_for
 from ..errors import SettingsError, VisualizerError, user_message
 from ..media import views
 from .frame_files import START_LATENTS, RunFiles
-from .player import PlayerCell, PlayerProps, step_props
+from ..media.player import PlayerCell, PlayerProps, start_props, step_props
 from .store import RunStore
 
 log = logging.getLogger("visualizer")
@@ -101,7 +101,7 @@ def _player_cell(cell) -> PlayerCell:
             continue
         first = cell.paths.get(START_VIEWS.get(kind, ""), [None])[0]
         frames[kind] = [url(first) if first else None, *frames[kind]]
-    start = [{**steps[0], "index": 0, "evals": 0}] if steps else []
+    start = [start_props(cell.steps[0])] if steps else []
     return PlayerCell(label=cell.label, total=cell.total + 1, steps=start + steps, frames=frames, curve=cell.curve,
                       structure=cell.structure, words=cell.words, prediction=cell.prediction, start=True)
 

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from ..engine.run import START_FILE
+from .page import write_page
 from ..engine.labels import comparison_labels, start_label, step_label
 
 
@@ -172,13 +173,14 @@ def film(run, view: str = "xt", start: bool = True) -> tuple[list[np.ndarray], l
 
 
 ANIMATIONS = {"gif": ("denoising.gif", save_gif), "mp4": ("denoising.mp4", save_mp4), "webp": ("denoising.webp", save_webp)}
-RUN_FORMATS = (*ANIMATIONS, "zip", "sheet")  # what export_run writes
-GRID_FORMATS = ("png", *ANIMATIONS)  # what export_grid writes
+RUN_FORMATS = (*ANIMATIONS, "zip", "sheet", "html")  # what export_run writes
+GRID_FORMATS = ("png", *ANIMATIONS, "html")  # what export_grid writes (html: page.py's one-file player)
 
 
 def export_run(run, folder: str | Path, formats: Sequence[str] = ("gif",), view: str = "xt", fps: float = 8,
                captions: bool = True) -> dict[str, Path]:
-    """Write the asked exports of a decoded run into `folder`: gif, mp4, webp, zip, sheet. Returns their paths."""
+    """Write the asked exports of a decoded run into `folder`: gif, mp4, webp, zip, sheet, html (player.html, every
+    view: `view` is the animations' and the sheet's). Returns their paths."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     frames, labels = film(run, view)
@@ -194,6 +196,8 @@ def export_run(run, folder: str | Path, formats: Sequence[str] = ("gif",), view:
     if "sheet" in formats:
         written["sheet"] = folder / "sheet.png"
         contact_sheet(frames, labels).save(written["sheet"])
+    if "html" in formats:
+        written["html"] = write_page([run], folder)
     unknown = set(formats) - set(RUN_FORMATS)
     if unknown:
         raise ValueError(f"Unknown export format(s): {', '.join(sorted(unknown))}.")
@@ -202,8 +206,8 @@ def export_run(run, folder: str | Path, formats: Sequence[str] = ("gif",), view:
 
 def export_grid(runs, folder: str | Path, formats: Sequence[str] = ("png", "gif"), view: str = "xt",
                 fps: float = 8, columns: int | None = None) -> dict[str, Path]:
-    """Comparison exports (samplers, or models): grid.png (final images, labelled) and grid.gif / grid.mp4 (aligned
-    animation)."""
+    """Comparison exports (samplers, or models): grid.png (final images, labelled), grid.gif / grid.mp4 (aligned
+    animation) and player.html (the comparison's player, one file)."""
     unknown = set(formats) - set(GRID_FORMATS)
     if unknown:
         raise ValueError(f"Unknown grid export format(s): {', '.join(sorted(unknown))}.")
@@ -227,4 +231,6 @@ def export_grid(runs, folder: str | Path, formats: Sequence[str] = ("png", "gif"
             images.insert(0, grid(first, [lab[0] for lab in labels], columns))
         for fmt in animations:
             written[fmt] = ANIMATIONS[fmt][1](images, folder / f"grid.{fmt}", fps=fps)
+    if "html" in formats:
+        written["html"] = write_page(runs, folder)
     return written

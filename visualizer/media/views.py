@@ -10,17 +10,9 @@ import numpy as np
 import torch
 
 from .export import MIN_SIZE, film, grid, upscale, view_frames
+from .player import VIEWS  # noqa: F401  (the views a step can be shown in: the player's View menu)
 from ..engine.labels import comparison_labels, start_what, step_label
 
-VIEWS = {  # UI label -> key
-    "x_t (noisy latents, decoded)": "xt",
-    "x0-hat (predicted final image)": "x0",
-    "both side by side": "both",
-    "latent channels": "latents",
-    "noise prediction": "noise",
-    "forward noising q(x_t | x_0) of an image": "forward",
-    "image space: the run's path on a 2D map of latents": "map",
-}
 
 
 def latent_tiles(tensor) -> np.ndarray:

@@ -186,7 +186,8 @@ function plots() {  // drawn once per update; `markers` moves only the slider's 
     if (cell.structure) {
       const x = scale(cell.structure / n, 0, 1, X0, X1);
       svg += `<line x1="${x}" x2="${x}" y1="${Y0}" y2="${Y1}" stroke="${color}" stroke-dasharray="2 3"/>` +
-        `<text x="${x + 3}" y="${Y1 + 60 + c * 14}" font-size="12" fill="${color}">structure at step ${cell.structure}</text>`;
+        `<text x="${x > X1 - 150 ? x - 3 : x + 3}" y="${Y1 + 60 + c * 14}" font-size="12" fill="${color}" ` +
+        `text-anchor="${x > X1 - 150 ? 'end' : 'start'}">structure at step ${cell.structure}</text>`;
     }
     svg += `<circle class="vp-mark" data-cell="${c}" r="7" fill="none" stroke="crimson" stroke-width="2" cx="-20" cy="-20"/>`;
     items.push([cell.label, color]);

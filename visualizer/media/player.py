@@ -1,9 +1,11 @@
-"""The in-page player: a `gr.HTML` template whose JavaScript holds every frame URL of the runs it shows.
+"""The player: an HTML template whose JavaScript holds every frame URL of the runs it shows, in the app (a
+`gr.HTML`) and in a one-file page (page.py): the same three files, one source.
 
 Its HTML, CSS and JavaScript are the static files beside this module (static/player.*), read once at import;
-player.js is the body of `gr.HTML`'s `js_on_load` (it sees `element`, `props` and `watch`).
+player.js is the body of `gr.HTML`'s `js_on_load` (it sees `element`, `props` and `watch`); page.py calls it the
+same way.
 
-The server sends frame URLs (files written once, see frame_files.py) and per-step numbers as props; the
+The app sends frame URLs (files written once, see app/frame_files.py; a page: data URIs) and per-step numbers as props; the
 page preloads each frame as it arrives, and the slider, arrow keys, Home/End and Play swap frames with no
 request to the server. The insight plots are drawn once per update in SVG and only their marker moves
 with the slider. One cell is a single run; several cells are a sampler comparison on one shared slider,
@@ -32,6 +34,17 @@ STATIC = Path(__file__).resolve().parent / "static"
 TEMPLATE = (STATIC / "player.html").read_text(encoding="utf-8")
 CSS = (STATIC / "player.css").read_text(encoding="utf-8")
 JS = (STATIC / "player.js").read_text(encoding="utf-8")
+
+
+VIEWS = {  # the View menu: label -> key (views.frame draws each, the app's player and page.py offer them)
+    "x_t (noisy latents, decoded)": "xt",
+    "x0-hat (predicted final image)": "x0",
+    "both side by side": "both",
+    "latent channels": "latents",
+    "noise prediction": "noise",
+    "forward noising q(x_t | x_0) of an image": "forward",
+    "image space: the run's path on a 2D map of latents": "map",
+}
 
 
 @dataclass
@@ -67,6 +80,11 @@ class PlayerProps:
         if self.tabs is None:
             del props["tabs"]
         return props
+
+
+def start_props(first) -> dict:
+    """The player's position 0 (a cell with `start`): the initial noise, at the noise level of step 1's input."""
+    return {**step_props(first), "index": 0, "evals": 0}
 
 
 def step_props(step) -> dict:
