@@ -121,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--app", action="store_true",
                    help="also the app in Chromium: time to the final image, slider latency, Play's frame rate")
     p.add_argument("--out", type=Path, default=Path("bench.json"))
+    p.add_argument("--page", action="store_true", help="instead: the one-file player's size per WebP quality")
     p.add_argument("--replicas", default=None, metavar="N,M,...",
                    help="instead: 4 concurrent 40-step runs on N, then M, ... Ray Serve replicas (e.g. 1,2)")
     p.add_argument("--replica-threads", type=int, default=1, help="torch threads per replica (with --replicas)")
@@ -325,6 +326,11 @@ def cmd_export(args) -> None:
 
 def cmd_bench(args) -> None:
     options = load_options(args)
+    if args.page:
+        from .bench.page import main as bench_page
+
+        bench_page()
+        return
     if args.replicas:
         if options != LoadOptions():
             raise SettingsError("--dtype, --offload and --model-config do not reach Ray Serve replicas yet: drop them "

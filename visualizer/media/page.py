@@ -24,7 +24,7 @@ from .player import CSS, JS, TEMPLATE, VIEWS, PlayerCell, PlayerProps, start_pro
 PAGE_VIEWS = ("xt", "x0", "both")  # the views a page offers (its frames: x_t and x0-hat)
 PAGE_TABS = ["convergence", "schedule", "numbers"]  # the insight tabs drawn from numbers alone
 LOSSLESS_MAX_SIDE = 128  # frames up to this size are lossless WebP (smaller than lossy ones of that size)
-WEBP_QUALITY = 80  # larger frames: lossy WebP at this quality (docs/performance.md: page sizes)
+WEBP_QUALITY = 70  # larger frames: lossy WebP at this quality (`bench --page`; docs/performance.md)
 PAGE_NAME = "player.html"
 # the app's theme colours the player's CSS uses (Gradio's variables), light and dark
 THEME = """:root { --border-color-primary: #d4d4dc; --color-accent: #f97316; --body-text-color: #1f1f24;
