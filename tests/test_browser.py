@@ -518,3 +518,58 @@ def test_image_space_map_follows_the_slider_and_maps_several_seeds(server, brows
     page.locator("#map-image").scroll_into_view_if_needed()
     shot(page, "image-space-1280")
     page.close()
+
+
+def test_the_tour_steps_through_every_chapter_with_its_runs_numbers(server, browser, tiny_model, tmp_path):
+    """A deep link opens the Learn tab on its chapter; Next walks all eight, each changing the visual, its text
+    the one the same runs give in this process (the numbers are the run's), its key in the address bar."""
+    from visualizer.app.handlers import App
+    from visualizer.app.runs import AppConfig
+    from visualizer.app.tour import TITLES
+
+    expected = App(AppConfig(output_dir=tmp_path, default_model=tiny_model, example_dir=None)).learn_tab
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    page.goto(server + "?chapter=noise")
+    text = page.locator("#l-text")
+    page.wait_for_function("document.querySelector('#l-text')?.innerText.startsWith('1 ·')", timeout=120000)
+    tour = Player(page, "l-player")
+    seen = []
+    for k, key in enumerate(TITLES):
+        page.wait_for_function(f"location.search === '?chapter={key}'", timeout=10000)  # the address bar follows
+        want = expected.chapter("tropical fish", tiny_model, k).text.split("\n\n")[1]
+        assert want in text.inner_text().replace("\n", " "), key
+        page.wait_for_function("[...document.querySelectorAll('#l-player .vp-cell img')].every(i => i.complete)")
+        look = (tuple(tour.srcs()), page.locator("#l-player .vp-view").input_value(), tour.label())
+        assert look not in seen, f"chapter {key} shows what the one before did"
+        seen.append(look)
+        shot(page, f"tour-{k + 1}-{key}")
+        if k < len(TITLES) - 1:
+            page.locator("#l-next").click()
+            page.wait_for_function(f"document.querySelector('#l-text')?.innerText.startsWith('{k + 2} ·')",
+                                   timeout=60000)
+    assert "Step" in tour.label() and page.locator("#l-player .vp-view").input_value() == "map"
+    page.locator("#l-back").click()
+    page.wait_for_function("document.querySelector('#l-text')?.innerText.startsWith('7 ·')", timeout=60000)
+    assert len(tour.srcs()) == 4  # the samplers, side by side
+    page.locator("#l-chapter input").click()  # the chapter menu
+    page.get_by_role("option", name=TITLES["click"]).click()
+    page.wait_for_function("document.querySelector('#l-text')?.innerText.startsWith('4 ·')", timeout=60000)
+    page.wait_for_function("location.search === '?chapter=click'", timeout=10000)
+    assert "structure appears here" in page.locator("#l-player .vp-cell figcaption").inner_text()
+    page.close()
+
+
+def test_a_deep_link_to_a_chapter_and_a_tour_of_another_prompt(server, browser):
+    page = browser.new_page(viewport={"width": 390, "height": 844})
+    page.goto(server + "?chapter=samplers")
+    page.wait_for_function("document.querySelector('#l-text')?.innerText.startsWith('7 ·')", timeout=120000)
+    assert page.locator("#learn-tab").is_visible()
+    shot(page, "tour-samplers-390")
+    before = page.locator("#l-text").inner_text()
+    page.get_by_text("Tour another prompt or model").click()
+    page.locator("#l-prompt textarea").fill("a blue square")
+    page.locator("#l-build").click()
+    page.wait_for_function("document.querySelector('#l-text')?.innerText.startsWith('1 ·')", timeout=120000)
+    page.wait_for_function("location.search === '?chapter=noise'", timeout=10000)
+    assert page.locator("#l-text").inner_text() != before
+    page.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 from .compare import CompareTab
 from .endpoints import Endpoints
 from .generate import GenerateTab
+from .learn import LearnTab
 from .playground import Playground
 from .runs import AppConfig, Runs
 
@@ -15,4 +16,5 @@ class App:
         self.generate_tab = GenerateTab(self.runs)
         self.compare_tab = CompareTab(self.runs)
         self.playground = Playground(config.output_dir)
+        self.learn_tab = LearnTab(self.runs, self.playground)  # the guided tour
         self.endpoints = Endpoints(self.runs, self.generate_tab, self.compare_tab)

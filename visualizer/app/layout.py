@@ -24,7 +24,9 @@ from .compare import MAX_COMPARED_SAMPLERS, CompareOutputs
 from .generate import MAX_MAP_SEEDS, GenerateOutputs
 from .handlers import App
 from .playground import MAX_SAMPLERS
+from .learn import LearnOutputs
 from .runs import EXAMPLE_SAMPLERS, AppConfig, steps_table
+from .tour import TITLES
 
 MODEL_CONCURRENCY = "model"
 EXAMPLES = ["tropical fish", "red apple", "smiling face with sunglasses", "rocket", "jack-o-lantern"]
@@ -35,7 +37,11 @@ PROSE = {
     "intro": "Type a prompt and press **Generate**: the model starts from random noise and removes a little of it at "
              "every step. Every step's frames arrive in the player as they are decoded; scrub them with the slider, "
              "the arrow keys or **Play**. **x_t** is the noisy latent after the step, **x0-hat** the model's guess "
-             "of the finished image. Heun and DPM2 spend two model evaluations per step.",
+             "of the finished image. Heun and DPM2 spend two model evaluations per step. New to diffusion? The "
+             "**Learn** tab walks through a real run in eight short chapters.",
+    "learn": "A guided tour through real runs of the model, in eight short chapters: each paragraph's numbers are "
+             "those runs' own. **Next** and **Back** step through it; each chapter has a link of its own. The first "
+             "visit builds it (a few runs of the model); tour another prompt below.",
     "guidance": "Classifier-free guidance runs the model twice per step, without and with the prompt, and combines "
                 "them: guided = uncond + scale × (cond − uncond). The images are the final image each branch "
                 "predicts at the step you settled on in the player; the heatmap is where guidance pushes hardest. "
@@ -278,6 +284,48 @@ def _playground_tab(app: App) -> None:
                  show_progress="hidden", **PAGE)
 
 
+def _learn_tab(app: App, model_event: dict) -> tuple[LearnOutputs, gr.Textbox, gr.Dropdown]:
+    """The Learn tab (the guided tour); returns its outputs and the prompt and model it is built on, for the
+    page's load (a deep link) and the tab's select."""
+    with gr.Row(elem_classes="player-first"):
+        with gr.Column(scale=3, min_width=320):
+            play = _player(player.PlayerProps(status="The tour is built when this tab opens.").as_props(), "l-player")
+        with gr.Column(scale=2, min_width=300):
+            text = gr.Markdown(elem_id="l-text")
+            with gr.Row():
+                back = gr.Button("← Back", elem_id="l-back", size="sm")
+                forward = gr.Button("Next →", elem_id="l-next", variant="primary", size="sm")
+            chapter = gr.Dropdown(list(TITLES.values()), value=next(iter(TITLES.values())), label="Chapter",
+                                  elem_id="l-chapter")
+            key = gr.Textbox(visible=False)
+            gr.Markdown(PROSE["learn"], elem_classes="explain")
+            with gr.Accordion("Tour another prompt or model", open=False):
+                prompt = gr.Textbox(label="Prompt", value=EXAMPLES[0], elem_id="l-prompt")
+                model = gr.Dropdown([*EMBEDDED_MODELS, *ALIASES], label="Model", elem_id="l-model",
+                                    value=embedded_name(app.config.default_model) or app.config.default_model,
+                                    allow_custom_value=app.config.allow_any_model)
+                build_button = gr.Button("Build the tour", elem_id="l-build")
+    outputs = LearnOutputs(play, text, chapter, key)
+    tab = app.learn_tab
+    # the chapter's key goes into the page's URL (?chapter=<key>), so that the address bar links to it
+    to_url = dict(fn=None, inputs=key, outputs=None, js="(k) => { const u = new URL(window.location.href); "
+                  "u.searchParams.set('chapter', k); window.history.replaceState(null, '', u); }")
+    def stepper(delta: int):
+        def step(prompt_, model_, chapter_):
+            yield from tab.step(prompt_, model_, chapter_, delta)
+        return step
+
+    def first(prompt_, model_):
+        yield from tab.show(prompt_, model_, 0)
+
+    for button, delta in ((back, -1), (forward, 1)):
+        button.click(stepper(delta), [prompt, model, chapter], list(outputs), **model_event, **PAGE).then(
+            **to_url, **PAGE)
+    chapter.input(tab.show, [prompt, model, chapter], list(outputs), **model_event, **PAGE).then(**to_url, **PAGE)
+    build_button.click(first, [prompt, model], list(outputs), **model_event, **PAGE).then(**to_url, **PAGE)
+    return outputs, prompt, model
+
+
 def build(config: AppConfig) -> gr.Blocks:
     app = App(config)
     ttl = max(2, config.cache_ttl)
@@ -287,12 +335,28 @@ def build(config: AppConfig) -> gr.Blocks:
         gr.Markdown("## Denoising visualizer: watch a diffusion model turn noise into an image", elem_id="title")
         # first, so the endpoints own their names (a private page event of the same function name gets a suffix)
         app.endpoints.register(dict(concurrency_id=MODEL_CONCURRENCY, concurrency_limit=config.concurrent_runs))
-        with gr.Tab("Generate"):
-            run_id, guidance_panel = _generate_tab(app, model_event)
-        with gr.Tab("Compare samplers / models"):
-            _compare_tab(app, model_event)
-        with gr.Tab("2D playground"):
-            _playground_tab(app)
+        with gr.Tabs(elem_id="main-tabs") as tabs:
+            with gr.Tab("Generate", id="generate"):
+                run_id, guidance_panel = _generate_tab(app, model_event)
+            with gr.Tab("Compare samplers / models", id="compare"):
+                _compare_tab(app, model_event)
+            with gr.Tab("2D playground", id="playground"):
+                _playground_tab(app)
+            with gr.Tab("Learn", id="learn", elem_id="learn-tab") as learn:
+                learn_outputs, learn_prompt, learn_model = _learn_tab(app, model_event)
         demo.load(lambda rid: app.generate_tab.guidance(rid, None), run_id, guidance_panel, show_progress="hidden",
                   **PAGE)
+        learn.select(app.learn_tab.show, [learn_prompt, learn_model, learn_outputs.chapter], list(learn_outputs),
+                     **model_event, **PAGE)
+
+        def deep_link(prompt, model, request: gr.Request):
+            """A page opened on ?chapter=<key>: the Learn tab, on that chapter."""
+            chapter = (request.query_params.get("chapter") if request else None) or None
+            if chapter is None:
+                yield gr.skip(), *[gr.skip()] * len(learn_outputs)
+                return
+            for outputs in app.learn_tab.show(prompt, model, chapter):
+                yield gr.Tabs(selected="learn"), *outputs
+
+        demo.load(deep_link, [learn_prompt, learn_model], [tabs, *learn_outputs], **model_event, **PAGE)
     return demo

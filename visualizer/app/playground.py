@@ -52,11 +52,14 @@ class Playground:
         runs = api.on_engine(toy.sample, self.settings(pattern, samplers, steps, seed, label, guidance, points))
         return gr.update(**self.props(runs))
 
-    def props(self, runs: list[toy.ToyRun]) -> dict:
+    def props(self, runs: list[toy.ToyRun], folder: Path | None = None) -> dict:
+        """The player's props for `runs`, their frames written under `folder` (default: a new folder of the
+        playground's, among the KEPT_RUNS newest)."""
         run_id = RunStore.new_id()
-        folder = self.folder / run_id
+        if folder is None:
+            folder = self.folder / run_id
+            self._keep(folder)
         folder.mkdir(parents=True)
-        self._keep(folder)
         colors = toy_render.point_colors(runs[0])
         cells = []
         for c, run in enumerate(runs):

@@ -20,7 +20,9 @@ Props (all plain JSON; `PlayerProps` and `PlayerCell` below are their one type):
 - a cell may also hold `start: true` (its first position is the initial noise, before step 1, as index 0 of
   `steps`) and `trace`: the URL of {size, points: [[[x, y] per point] per position]} in frame pixels; clicking
   a frame then traces the nearest point's path in every cell (2D runs: toy/render.py, trace)
-- `tabs`: the insight tabs to offer (default: all)
+- `tabs`: the insight tabs to offer (default or []: all); `tab`, `at`: the tab and position (0: the end) to open on
+  for a new `run`
+- a cell's frame is outlined, and its caption says so, at its `structure` step (where structure appears)
 - `panel`: the elem_id of a server-side panel that follows the step the person settles on (or null)
 - `value`: that step, sent to Python only while the panel is on screen: scrubbing makes no requests
 """
@@ -73,12 +75,15 @@ class PlayerProps:
     run: str = ""  # an id that changes per run
     view: str | None = None  # a view to switch to when it changes
     tabs: list[str] | None = None  # the insight tabs to offer (None: all)
+    tab: str | None = None  # an insight tab to open when `run` changes (None: as it is)
+    at: int | None = None  # a position (1-based) to open on when `run` changes (None: follow the run to its end)
 
     def as_props(self) -> dict:
         props = asdict(self)
         props["views"] = [list(v) for v in self.views]
-        if self.tabs is None:
-            del props["tabs"]
+        for name in ("tabs", "tab", "at"):
+            if props[name] is None:
+                del props[name]
         return props
 
 

@@ -56,6 +56,9 @@ function drawTrace(cell, f, i) {  // the traced point's whole path (faint), its 
     `<polyline points="${line(path.slice(0, i + 1))}" fill="none" stroke="white" stroke-width="2"/>` +
     `<circle cx="${x}" cy="${y}" r="6" fill="none" stroke="white" stroke-width="2"/>`;
 }
+function percent(share) {  // a share in words: one decimal near 0% and 100%, where rounding would say none or all
+  return (share < 0.01 || share > 0.99 ? (share * 100).toFixed(1) : Math.round(share * 100)) + '%';
+}
 function fmt(x, d) { return Number.isFinite(x) ? x.toFixed(d) : String(x); }
 
 function build() {  // one figure per cell; rebuilt only when the number of cells or the view's shape changes
@@ -76,7 +79,7 @@ function build() {  // one figure per cell; rebuilt only when the number of cell
     list[0].addEventListener('click', event => pick(c, event)); list.slice(1).forEach(im => imgs.appendChild(im));
     const cap = document.createElement('figcaption');
     fig.append(imgs, cap); cellsBox.appendChild(fig);
-    return { imgs: list, kinds, cap, over, trace };
+    return { fig, imgs: list, kinds, cap, over, trace };
   });
 }
 
@@ -100,7 +103,10 @@ function show(p) {  // put position p on screen: frames, captions, label, plot m
     f.over.style.opacity = $('.vp-opacity').value;
     drawTrace(cell, f, i);
     const s = (cell.steps || [])[Math.min(i, (cell.steps || []).length - 1)];
-    const pending = shownStep < i ? ` · ${stepName(cell, i)} still computing` : '';
+    const clicked = !!cell.structure && shownStep === i && stepOf(cell, i) === cell.structure;
+    f.fig.classList.toggle('vp-clicked', clicked);  // where structure appears: outlined, and said
+    const pending = (shownStep < i ? ` · ${stepName(cell, i)} still computing` : '') +
+      (clicked ? ' · structure appears here' : '');
     const none = cell.start && i === 0 ? 'nothing predicted before step 1' : 'not decoded yet';
     f.cap.textContent = all.length > 1 ? cell.label + ' · ' +
       (shownStep < 0 ? none : s ? `${stepName(cell, shownStep)} · t=${fmt(s.t, 0)} · sigma=${fmt(s.sigma, 2)}` : '') +
@@ -112,7 +118,7 @@ function show(p) {  // put position p on screen: frames, captions, label, plot m
     const i = indexFor(first, p), s = (first.steps || [])[i];
     label.textContent = all.length > 1
       ? `${Math.round(progressAt(p) * 100)}% through each schedule (position ${p} of ${positions()})`
-      : s ? (s.index === 0 ? 'Start: the initial noise, before step 1' : `Step ${s.index} of ${first.total - (first.start ? 1 : 0)}`) + ` · timestep t = ${fmt(s.t, 0)} · sigma = ${fmt(s.sigma, 3)} · noise ${Math.round(s.share * 100)}%` +
+      : s ? (s.index === 0 ? 'Start: the initial noise, before step 1' : `Step ${s.index} of ${first.total - (first.start ? 1 : 0)}`) + ` · timestep t = ${fmt(s.t, 0)} · sigma = ${fmt(s.sigma, 3)} · noise ${percent(s.share)}` +
             (s.evals > 1 ? ` · ${s.evals} model evaluations` : '') : `Step ${stepOf(first, i)} of ${stepsOf(first)} · computing…`;
   } else label.textContent = 'No run yet: press Generate.';
   markers(p); numbers(p); change(p); wordsMarker(p);
@@ -280,7 +286,8 @@ if (props.panel && window.IntersectionObserver) {  // scrolled or switched into 
 }
 
 function sync() {  // new props from the server: more frames, a new run, or a finished one
-  if (props.run !== runId) { runId = props.run; follow = true; settled = 0; stop(); }
+  const fresh = props.run !== runId;
+  if (fresh) { runId = props.run; follow = true; settled = 0; stop(); }
   // every view is offered from the start (frames fill in as they are decoded); forward noising and the map once they exist
   const views = (props.views || []).filter(([k]) => !['forward', 'map'].includes(k) || cells().some(c => c.frames && c.frames[k]));
   const wanted = views.map(v => v[0]).join(',');
@@ -307,15 +314,18 @@ function sync() {  // new props from the server: more frames, a new run, or a fi
   $('.vp-bar').style.visibility = props.live ? 'visible' : 'hidden';
   status.textContent = props.status || '';
   element.querySelectorAll('.vp-tabs button:not(.vp-words-tab)').forEach(b => {
-    b.hidden = !!props.tabs && !props.tabs.includes(b.dataset.tab);
+    b.hidden = !!(props.tabs && props.tabs.length) && !props.tabs.includes(b.dataset.tab);  // [] or none: all
   });
+  const asked = fresh && props.tab && $(`.vp-tabs button[data-tab="${props.tab}"]:not([hidden])`);
+  if (asked) asked.click();
   const on = $('.vp-tabs button.on');
   if (on && on.hidden) $('.vp-tabs button:not([hidden])').click();
   plots(); words();
   if (traced >= 0) {  // a new run from the same starting points: keep tracing the same point
     Promise.all(cells().filter(c => c.trace).map(c => loadTrace(c.trace))).then(() => show(+range.value));
   }
-  if (follow) {
+  if (fresh && props.at) { follow = false; show(props.at); }
+  else if (follow) {
     const n = available(), first = cells()[0];
     show(props.live && first ? Math.max(1, Math.ceil(n / Math.max(1, first.total) * positions())) : positions());
   } else show(+range.value);
@@ -332,5 +342,5 @@ element.querySelectorAll('.vp-tabs button').forEach(b => b.addEventListener('cli
   element.querySelectorAll('.vp-tabs button').forEach(o => o.classList.toggle('on', o === b));
   element.querySelectorAll('.vp-panel').forEach(panel => { panel.hidden = panel.dataset.panel !== b.dataset.tab; });
 }));
-watch(['cells', 'live', 'progress', 'status', 'run', 'views', 'view'], sync);
+watch(['cells', 'live', 'progress', 'status', 'run', 'views', 'view', 'tabs', 'tab', 'at'], sync);
 sync();
