@@ -25,7 +25,7 @@ def test_run_writes_every_frame_and_the_exports(tiny_model, tmp_path):
     for name in ("final.png", "denoising.gif", "denoising.mp4", "denoising.webp", "frames.zip", "sheet.png",
                  "convergence.png", "schedule.png"):
         assert (out / name).stat().st_size > 0, name
-    assert Image.open(out / "denoising.gif").n_frames == 6
+    assert Image.open(out / "denoising.gif").n_frames == 1 + 6  # the start, then every step
 
 
 def test_compare_and_reexport(tiny_model, tmp_path):
@@ -38,7 +38,7 @@ def test_compare_and_reexport(tiny_model, tmp_path):
     (out / "euler" / "denoising.gif").unlink(missing_ok=True)
     result = cli("export", str(out / "euler"), "--gif", "--view", "x0")
     assert result.returncode == 0, result.stderr
-    assert Image.open(out / "euler" / "denoising.gif").n_frames == 4
+    assert Image.open(out / "euler" / "denoising.gif").n_frames == 1 + 4
 
 
 def test_compare_models_writes_one_folder_per_model_and_one_grid(tiny_model, tmp_path):
@@ -49,7 +49,7 @@ def test_compare_models_writes_one_folder_per_model_and_one_grid(tiny_model, tmp
     folders = {"embedded-ddim", f"{Path(tiny_model).name}-ddim"}
     assert {p.name for p in out.iterdir()} >= {"grid.png", "grid.gif", "convergence.png", *folders}
     sizes = {json.loads((out / f / "run.json").read_text())["info"]["image_size"][0] for f in folders}
-    assert sizes == {64, 32} and Image.open(out / "grid.gif").n_frames == 4  # each model's native size, aligned
+    assert sizes == {64, 32} and Image.open(out / "grid.gif").n_frames == 1 + 4  # each model's native size, aligned
     result = cli("compare", "--prompt", "a red circle", "--out", str(tmp_path / "none"))
     assert result.returncode != 0 and "--samplers" in result.stderr and "Traceback" not in result.stderr
 
@@ -63,7 +63,7 @@ def test_run_img2img_from_an_image_file(tiny_model, tmp_path):
     doc = json.loads((out / "run.json").read_text())
     assert len(doc["steps"]) == 3 and doc["settings"]["strength"] == 0.3
     assert doc["info"]["img2img"]["skipped_steps"] == 7 and doc["steps"][-1]["progress"] == 1.0
-    assert Image.open(out / "denoising.gif").n_frames == 3
+    assert Image.open(out / "denoising.gif").n_frames == 1 + 3  # the noised init image first
 
 
 def test_samplers_lists_the_registry():

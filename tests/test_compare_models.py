@@ -48,7 +48,7 @@ def test_the_grid_aligns_models_by_progress_and_names_them(runs, sd3_folder, tmp
     written = export_grid(runs, tmp_path, ["png", "gif"])
     sheet = Image.open(written["png"])
     gif = Image.open(written["gif"])
-    assert sheet.width == half.shape[1] and gif.n_frames == 6
+    assert sheet.width == half.shape[1] and gif.n_frames == 1 + 6
     from visualizer.engine.labels import comparison_labels
 
     assert comparison_labels([r.settings for r in runs]) == ["embedded · DDIM", "tiny-sd3 · Euler"]
@@ -81,12 +81,12 @@ def test_the_app_streams_a_model_comparison_into_one_grid(sd3_folder, tmp_path):
     assert status.startswith("Done: 2 models")
     cells = props["cells"]
     assert [c["label"] for c in cells] == ["embedded · DPM++ 2M", "tiny-sd3 · DPM++ 2M"]  # both have DPM++ 2M
-    assert all(len(c["frames"]["x0"]) == 4 and c["curve"] for c in cells)  # convergence curves for one plot
+    assert all(c["start"] and len(c["frames"]["x0"]) == 1 + 4 and c["curve"] for c in cells)  # curves for one plot
     from visualizer.media import views
 
     stored = app.runs.store.get(run_id)
     assert [r.settings.model for r in stored] == ["embedded", sd3_folder]
     assert picture.shape == views.grid_frame(stored, 1.0).shape
-    assert all(len(c["frames"]["map"]) == 4 for c in cells)  # each model's path on a map of its own latents
+    assert all(len(c["frames"]["map"]) == 1 + 4 for c in cells)  # each model's path on a map of its own latents
     with pytest.raises(UserError, match="List 2 to 4"):
         list(app.compare_tab.compare(PROMPT, "", 5, 4, 5.0, ["Euler"], 0, 0, "embedded", False, "embedded"))

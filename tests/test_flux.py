@@ -261,7 +261,7 @@ def test_the_app_streams_a_flux_run_into_the_player(flux, tmp_path):
     props, final, run_id, _, status, *_, stages = updates[-1]
     assert status.startswith("Done: 4 steps") and final.shape == (32, 32, 3)
     cell = props["cells"][0]
-    assert len(cell["frames"]["x0"]) == len(cell["frames"]["latents"]) == 4 and cell["curve"]
+    assert cell["start"] and len(cell["frames"]["x0"]) == len(cell["frames"]["latents"]) == 1 + 4 and cell["curve"]
     assert cell["steps"][0]["sigma"] == pytest.approx(1.0, abs=1e-3)  # flow sigma in [0, 1] on the schedule plot
     assert "(Flux)" in stages and "no unconditional branch" in stages
     panel = app.generate_tab.guidance(run_id, 2)

@@ -65,6 +65,7 @@ def assert_identical(a, b):
     assert a.frames.keys() == b.frames.keys() == {"xt", "x0"}
     assert all(np.array_equal(x, y) for k in a.frames for x, y in zip(a.frames[k], b.frames[k], strict=True))
     assert np.array_equal(a.final_image, b.final_image) and a.info.metrics == b.info.metrics
+    assert a.start_frame is not None and np.array_equal(a.start_frame, b.start_frame)
 
 
 def test_a_run_on_a_replica_is_bit_identical_to_the_same_run_here(replicas):
@@ -74,7 +75,7 @@ def test_a_run_on_a_replica_is_bit_identical_to_the_same_run_here(replicas):
     assert steps[-1].event.xt.device.type == "cpu" and steps[0].preview("x0").image.ndim == 3
     decoded = [i for i in items if isinstance(i, DecodeUpdate)]
     assert decoded and decoded[-1].remaining == 0 and all(len(d.runs[0]) == 8 for d in decoded)
-    assert sum(len(f) for f in decoded[-1].frames[0].values()) == 16  # every frame arrived, each once
+    assert sum(len(f) for f in decoded[-1].frames[0].values()) == 1 + 16  # every frame and the start, each once
     remote = items[-1]
     assert_identical(remote, here(SETTINGS, THREADS))
     other = here(SETTINGS, 2)  # another thread count: float reductions differ, frames within one level

@@ -63,7 +63,7 @@ def test_the_cli_runs_it_by_name(tmp_path):
                              "--model", "shapes", "--out", str(tmp_path), "--gif"], capture_output=True, text=True, timeout=300,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr
-    assert Image.open(tmp_path / "denoising.gif").n_frames == 25
+    assert Image.open(tmp_path / "denoising.gif").n_frames == 1 + 25
     assert Image.open(tmp_path / "final.png").size == (64, 64)
 
 
