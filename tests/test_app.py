@@ -63,9 +63,11 @@ def generate(client, tiny_model, prompt="a red circle", seed=3, steps=6, sampler
     return client.predict(**args, api_name="/generate")
 
 
-def test_generate_returns_one_frame_per_step(client, tiny_model):
+def test_generate_returns_one_frame_per_step(client, tiny_model, app):
     result = generate(client, tiny_model, steps=6)
     assert len(result["steps"]) == 6 and "Done: 6 steps" in result["status"] and "Tokenizer" in result["stages"]
+    run_folder = app[1] / "outputs" / result["run_id"]
+    assert run_folder.is_dir() and not (run_folder / "player").exists()  # an API caller has no player: no files
     seen = set()
     for step in range(1, 7):
         frame, label = client.predict(result["run_id"], step, X_T, api_name="/frame")

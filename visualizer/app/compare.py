@@ -31,7 +31,7 @@ class CompareTab:
         self.runs = runs
 
     def compare(self, prompt, negative_prompt, seed, steps, guidance, samplers, width, height, model,
-                attention=False, models="", true_cfg=None, request: gr.Request = None):
+                attention=False, models="", true_cfg=None, request: gr.Request = None, player: bool = True):
         """Stream a comparison into the grid player: 2 to 8 samplers in lockstep on `model`, or, when `models` lists
         2 to 4 models (comma-separated), each of them in turn with the first picked sampler (Euler where it does
         not fit the model)."""
@@ -47,7 +47,7 @@ class CompareTab:
                 jobs = [(s, None) for s in api.model_settings(settings, [self.runs.check_model(m) for m in models])]
             except VisualizerError as error:
                 raise UserError(user_message(error) or str(error)) from None
-        for props, run_id in self.runs.stream(jobs, getattr(request, "session_hash", None)):
+        for props, run_id in self.runs.stream(jobs, getattr(request, "session_hash", None), player):
             if run_id is None:  # plain values while it streams (see GenerateTab.generate)
                 yield CompareOutputs(gr.update(**props), None, None, props["status"], None)
                 continue

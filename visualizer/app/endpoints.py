@@ -22,6 +22,7 @@ from PIL import Image
 from ..analysis.plots import convergence_plot, figure_png, schedule_plot
 from ..analysis.metrics import change_heatmap
 from ..analysis.stages import step_numbers
+from ..engine.labels import comparison_labels
 from ..engine.run import DEFAULTS
 from ..media import views
 from ..media.export import upscale
@@ -87,7 +88,7 @@ class Endpoints:
         """
         for out in self.generate_tab.generate(prompt, negative_prompt, seed, num_inference_steps, guidance_scale,
                                               sampler, width, height, model, attention=attention,
-                                              true_cfg=true_cfg_scale, request=request):
+                                              true_cfg=true_cfg_scale, request=request, player=False):
             if out.run_id is None:
                 yield {"run_id": None, "status": out.status}
                 continue
@@ -103,12 +104,12 @@ class Endpoints:
         first sampler; streams like /generate. The last update: {run_id, status, labels, grid_image (a file)}."""
         for out in self.compare_tab.compare(prompt, negative_prompt, seed, num_inference_steps, guidance_scale,
                                             samplers, width, height, model, models=models, true_cfg=true_cfg_scale,
-                                            request=request):
+                                            request=request, player=False):
             if out.run_id is None:
                 yield {"run_id": None, "status": out.status}
                 continue
             runs = self.runs.store.get(out.run_id)
-            yield {"run_id": out.run_id, "status": out.status, "labels": [c["label"] for c in out.player["cells"]],
+            yield {"run_id": out.run_id, "status": out.status, "labels": comparison_labels([r.settings for r in runs]),
                    "steps": [len(r) for r in runs],
                    "grid_image": _file(self._folder(out.run_id) / "grid.png", out.grid_image)}
 

@@ -52,8 +52,10 @@ class GenerateTab:
         self.runs = runs
 
     def generate(self, prompt, negative_prompt, seed, steps, guidance, sampler, width, height, model,
-                 init_image=None, strength=None, attention=False, true_cfg=None, request: gr.Request = None):
-        """Stream the run into the player; end with the final image, the steps table and the panels.
+                 init_image=None, strength=None, attention=False, true_cfg=None, request: gr.Request = None,
+                 player: bool = True):
+        """Stream the run into the player; end with the final image, the steps table and the panels (`player=False`:
+        an API caller's run, no player files, see Runs.stream).
 
         With an `init_image` it is img2img at `strength`; without one, strength is ignored. **Stop** ends the loop
         early and the steps computed so far stay on the player.
@@ -61,7 +63,7 @@ class GenerateTab:
         settings = self.runs.settings(prompt, negative_prompt, seed, steps, guidance, sampler, width, height, model,
                                       init_image, strength, attention, true_cfg)
         notice = vocabulary_notice(settings.prompt, settings.model)
-        for props, run_id in self.runs.stream([(settings, None)], getattr(request, "session_hash", None)):
+        for props, run_id in self.runs.stream([(settings, None)], getattr(request, "session_hash", None), player):
             # While it streams, the previous run is gone from the page: its panels, downloads and run id are empty
             # until this run is done. Every output but the player gets a plain value: gr.skip() or gr.update() makes
             # Gradio build a new component and its config at each update (about 1 ms, a table 12 ms), in Python,

@@ -226,17 +226,19 @@ class Runs:
             return gr.skip()
 
     # ---- running ----------------------------------------------------------------------------
-    def stream(self, jobs: list[tuple[Settings, list[str] | None]], session: str | None):
+    def stream(self, jobs: list[tuple[Settings, list[str] | None]], session: str | None, player: bool = True):
         """Run one generation: each job (settings, samplers in lockstep or None) in turn, its runs filling the next
         cells of one player (several jobs: a comparison of models). Yield (player props, None) while it goes, then
-        (player props, run id). `session` (a browser or client session) can stop it with `stop`."""
+        (player props, run id). `session` (a browser or client session) can stop it with `stop`. `player=False`
+        (an API caller, who has no player): no frame files are written and the props hold no cells, only the
+        status; `player_files` writes them later if a page asks for the run."""
         stop = threading.Event()
         if session:
             self._stops[session] = stop
         cell_settings = [replace(s, sampler=name) for s, samplers in jobs for name in samplers or [s.sampler]]
         run_id = self.store.new_id()
         files = RunFiles(self.store.output_dir / run_id / "player", comparison_labels(cell_settings),
-                         [s.num_inference_steps for s in cell_settings])  # img2img: fewer, told by the steps
+                         [s.num_inference_steps for s in cell_settings]) if player else None  # img2img: fewer
         runs, last_sent = [], 0.0
         try:
             for number, (settings, samplers) in enumerate(jobs):
@@ -246,12 +248,13 @@ class Runs:
                 model = f"Model {number + 1} of {len(jobs)} ({model_name(settings.model)}): " if len(jobs) > 1 else ""
                 for item in self.engine.stream(settings, samplers, should_stop=stop.is_set):
                     if isinstance(item, StepUpdate):
-                        files.add_step(item.event, first_cell)
+                        if files is not None:
+                            files.add_step(item.event, first_cell)
                         done, total = item.event.step.index, item.event.total_steps
                         status = f"{model}step {done} of {total}: computing… scrub the finished steps any time."
                         progress = (number + done / total) / len(jobs)
                     elif isinstance(item, DecodeUpdate):
-                        for k, run in enumerate(item.runs):
+                        for k, run in enumerate(item.runs if files is not None else []):
                             cell = files.cells[first_cell + k]
                             cell.steps, cell.total = list(run.steps), len(run)
                         status = f"{model}denoised; " + (f"decoding the remaining frames ({item.remaining} left)…"
@@ -264,7 +267,8 @@ class Runs:
                     first_after_loop = isinstance(item, DecodeUpdate) and not final_shown
                     if now - last_sent >= UPDATE_INTERVAL or first_after_loop:  # the final image at once
                         last_sent, final_shown = now, final_shown or first_after_loop
-                        files.add_decoded(item.frames, first_cell)
+                        if files is not None:
+                            files.add_decoded(item.frames, first_cell)
                         yield player_props(files, run_id, live=True, progress=progress,
                                            status=status[0].upper() + status[1:]), None
         except Exception as error:
@@ -274,13 +278,14 @@ class Runs:
                 del self._stops[session]
         if not runs or not len(runs[0]):
             raise UserError("Stopped before the first step finished: nothing to show.")
-        files.cells = files.cells[:len(runs)]  # models a stop left unrun
-        for cell, run in enumerate(runs):
-            files.add_run(cell, run)
-        files.add_maps(runs)
         self.store.add(runs, run_id=run_id)
         self._files = {k: v for k, v in self._files.items() if k in self.store}
-        self._files[run_id] = files
+        if files is not None:
+            files.cells = files.cells[:len(runs)]  # models a stop left unrun
+            for cell, run in enumerate(runs):
+                files.add_run(cell, run)
+            files.add_maps(runs)
+            self._files[run_id] = files
         stopped = any(run.info.stopped for run in runs) or len(runs) < len(cell_settings)
         what = (f"{len(runs)} samplers, one batched denoiser call per round" if len(jobs) == 1 else
                 f"{len(runs)} models, one after another, aligned by progress through their own schedules")
