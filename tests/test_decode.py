@@ -1,4 +1,5 @@
 """Decoding every step: the streaming decoder's frames are the exact VAE frames, batched where it pays."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -172,3 +173,69 @@ def test_with_torch_on_several_cores_the_frames_left_are_decoded_on_the_engine_t
         assert api.on_engine(decode_workers, tiny_pipe.vae) == 1
     finally:
         use_cores(1)
+
+
+def _fresh(folder):
+    """A pipeline of its own (the tests below change dtypes and configs), loaded like a real model."""
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.from_pretrained(folder)
+
+
+def test_frames_decode_in_the_dtype_the_familys_pipeline_decodes_in(tiny_model, tmp_path_factory):
+    """On the CPU every frame is the fp32 VAE's; where the pipeline runs in fp16 / bf16 (a GPU), SD 1.x / 2.x, SD 3 and
+    Flux decode frames in that dtype, and SDXL upcasts unless its VAE says it need not (force_upcast False)."""
+    from conftest import tiny_family_model
+    from visualizer.engine.decode import frame_vae
+
+    sd = _fresh(tiny_model)
+    assert frame_vae(sd) is sd.vae  # fp32 models: no copy
+    sd.unet.to(torch.float16)
+    half = frame_vae(sd)
+    assert half is not sd.vae and half.dtype == torch.float16 and sd.vae.dtype == torch.float32
+    assert frame_vae(sd) is half  # made once per pipeline
+    xl = _fresh(tiny_family_model(tmp_path_factory, "tiny_sdxl_pipeline")[0])
+    xl.unet.to(torch.float16)
+    assert frame_vae(xl) is xl.vae  # force_upcast (SDXL's own VAE): its pipeline decodes in fp32
+    xl.vae.register_to_config(force_upcast=False)  # an fp16-fixed VAE
+    assert frame_vae(xl).dtype == torch.float16
+    sd3 = _fresh(tiny_family_model(tmp_path_factory, "tiny_sd3_pipeline")[0])
+    sd3.transformer.to(torch.bfloat16)
+    assert frame_vae(sd3).dtype == torch.bfloat16
+
+
+def test_frames_in_another_dtype_leave_the_final_image_the_fp32_vaes(tiny_model, tiny_pipe):
+    """A bf16 frame VAE (on the CPU; fp16 on a GPU): the frames within a few levels of the fp32 decode, the start
+    included; the final image decoded alone by the fp32 VAE, bit for bit, live or after the loop."""
+    from visualizer.engine.decode import decode_run, frame_vae
+
+    settings = Settings(prompt="a red circle", model=tiny_model, num_inference_steps=9, seed=2)
+    exact = StreamingDecoder(tiny_pipe.vae, budget=None)
+    reference = generate(settings, tiny_pipe, callback=exact)
+    exact.finish([reference])
+    for budget in (None, 0.0):  # every block live (the last one holds the final x_t), or all after the loop
+        decoder = StreamingDecoder(tiny_pipe.vae, budget=budget, frames_vae=frame_vae(tiny_pipe, torch.bfloat16))
+        run = generate(settings, tiny_pipe, callback=decoder)
+        decoder.finish([run])
+        assert np.array_equal(run.final_image, reference.final_image)
+        assert np.array_equal(run.frames["xt"][-1], reference.final_image)
+        for kind in ("xt", "x0"):
+            diff = np.abs(np.stack(run.frames[kind][:-1]).astype(int) - np.stack(reference.frames[kind][:-1]).astype(int))
+            assert 0 < diff.max() <= 8, (kind, diff.max())  # another dtype, and close to fp32
+        assert 0 < np.abs(run.start_frame.astype(int) - reference.start_frame.astype(int)).max() <= 8
+    again = dataclasses.replace(run, frames={}, start_frame=None, final_image=None)
+    decode_run(again, tiny_pipe.vae, frames_vae=frame_vae(tiny_pipe, torch.bfloat16))
+    assert np.array_equal(again.final_image, reference.final_image)
+
+
+def test_a_frame_vae_that_gives_nan_falls_back_to_the_fp32_vae(tiny_pipe):
+    """fp16 VAEs can overflow (black frames): a batch with NaN or infinite values is decoded again by the fp32 VAE."""
+    import copy
+
+    broken = copy.deepcopy(tiny_pipe.vae)
+    with torch.no_grad():
+        broken.decoder.conv_out.bias.fill_(float("nan"))
+    latents = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    exact = vae_decode(tiny_pipe.vae, latents)
+    assert np.array_equal(vae_decode(broken, latents, fallback=tiny_pipe.vae), exact)
+    assert not np.array_equal(vae_decode(broken, latents), exact)  # without the fallback: the broken frames

@@ -21,7 +21,7 @@ import numpy as np
 
 from .analysis import metrics
 from .analysis import noising
-from .engine.decode import EXACT, CheapPreview, Preview, StreamingDecoder, decode_run
+from .engine.decode import EXACT, CheapPreview, Preview, StreamingDecoder, decode_run, frame_vae
 from .engine.denoise import StepCallback, StepEvent, denoise_steps
 from .errors import SettingsError
 from .engine.models import embedded_name, family_of_reference, load_pipeline
@@ -135,7 +135,7 @@ def _stream(settings, samplers, should_stop, frames):
     for s in settings_list:
         s.validate()
     pipe = load_pipeline(settings.model)
-    decoder = StreamingDecoder(pipe.vae, tuple(frames)) if frames else None
+    decoder = StreamingDecoder(pipe.vae, tuple(frames), frames_vae=frame_vae(pipe)) if frames else None
     cheap = CheapPreview(pipe, use_taesd=embedded_name(settings.model) is None)
     steps = denoise_steps(settings_list, pipe, should_stop)
     try:
@@ -220,7 +220,11 @@ def compare_models(settings: Settings | str, models: Sequence[str], *, callback:
 
 def redecode(run: Run) -> None:
     """Restore a run's frames (and final image) from its latents through its model's VAE."""
-    on_engine(lambda: decode_run(run, load_pipeline(run.settings.model).vae))
+    def decode() -> None:
+        pipe = load_pipeline(run.settings.model)
+        decode_run(run, pipe.vae, frames_vae=frame_vae(pipe))
+
+    on_engine(decode)
 
 
 def forward_noising(run: Run, image: np.ndarray | None = None) -> list[np.ndarray]:

@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -98,6 +99,19 @@ def shift_factor(vae) -> float:
     return float(vae.config.get("shift_factor") or 0.0)
 
 
+def frame_vae(pipe, dtype: torch.dtype | None = None):
+    """The VAE that decodes a run's intermediate frames (x_t, x0-hat, the start): `pipe.vae` itself where the
+    family's pipeline decodes in its dtype (families.frame_dtype; always on the CPU), else a copy in that dtype
+    (an fp16 SD VAE on a GPU), made once per pipeline. `dtype` overrides the family's choice (tests)."""
+    dtype = dtype or family_of(pipe).frame_dtype(pipe)
+    if dtype == pipe.vae.dtype or getattr(pipe.vae, "_hf_hook", None) is not None:  # offloaded: no second copy
+        return pipe.vae
+    copies = pipe.__dict__.setdefault("_visualizer_frame_vaes", {})
+    if dtype not in copies:
+        copies[dtype] = copy.deepcopy(pipe.vae).to(dtype)
+    return copies[dtype]
+
+
 def to_vae_space(vae, latents: torch.Tensor) -> torch.Tensor:
     """Scaled latents (what the sampler sees) -> the VAE decoder's input."""
     return latents / vae.config.scaling_factor + shift_factor(vae)
@@ -109,16 +123,19 @@ def from_vae_space(vae, latents: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def vae_decode(vae, latents: torch.Tensor, batch_size: int | None = None) -> np.ndarray:
+def vae_decode(vae, latents: torch.Tensor, batch_size: int | None = None, fallback=None) -> np.ndarray:
     """Scaled latents [N, C, h, w] -> uint8 frames [N, H, W, 3], exactly as the pipeline decodes.
-    `batch_size` None = `decode_batch_size`."""
+    `batch_size` None = `decode_batch_size`. `fallback`: a VAE (the fp32 one) to decode a batch again with where
+    `vae` (an fp16 copy) gives NaN or infinite values."""
     device = module_device(vae)
     dtype = next(vae.parameters()).dtype
     batch_size = batch_size or decode_batch_size(vae, latents)
     frames = []
     for chunk in latents.split(batch_size):
-        chunk = to_vae_space(vae, chunk.to(device=device, dtype=dtype))
-        frames.append(to_uint8(vae.decode(chunk, return_dict=False)[0]))
+        image = vae.decode(to_vae_space(vae, chunk.to(device=device, dtype=dtype)), return_dict=False)[0]
+        if fallback is not None and fallback is not vae and not torch.isfinite(image).all():
+            image = torch.from_numpy(vae_decode(fallback, chunk)).permute(0, 3, 1, 2).float() / 127.5 - 1
+        frames.append(to_uint8(image))
     return np.concatenate(frames) if frames else np.zeros((0, 0, 0, 3), np.uint8)
 
 
@@ -191,8 +208,11 @@ class StreamingDecoder:
     """
 
     def __init__(self, vae, kinds: tuple[str, ...] = ("xt", "x0"), budget: float | None = LIVE_DECODE_BUDGET,
-                 clock: Callable[[], float] = time.perf_counter, workers: int | None = None):
+                 clock: Callable[[], float] = time.perf_counter, workers: int | None = None, frames_vae=None):
         self.vae, self.kinds, self.budget, self.clock = vae, kinds, budget, clock
+        self.frames_vae = vae if frames_vae is None else frames_vae  # the other frames' VAE (frame_vae); the final
+        # image is always `vae`'s, decoded alone
+        self._totals: dict[int, int] = {}  # sampler -> the steps its run will have
         self.workers = workers  # threads decoding the blocks left after the loop (None: decode_workers)
         self.frames: dict[int, dict[str, dict[int, np.ndarray]]] = {}  # sampler -> kind -> step (0-based) -> frame
         self._filling: dict[int, list] = {}  # sampler -> the block being filled: [(sampler, kind, step, latents)]
@@ -205,6 +225,7 @@ class StreamingDecoder:
     def __call__(self, event) -> None:
         if self._started is None:
             self._started = self.clock()
+        self._totals[event.sampler_index] = event.total_steps
         if self._block_steps is None:
             self._block_steps = max(1, decode_batch_size(self.vae, event.latents) // len(self.kinds))
         if event.step.index == 1 and "xt" in self.kinds:  # the start, alone: the film's first frame (decode_run's)
@@ -230,7 +251,14 @@ class StreamingDecoder:
         self._frame_cost = seconds / len(entries)
 
     def _frames_of(self, entries: list) -> np.ndarray:
-        return vae_decode(self.vae, torch.cat([t for *_, t in entries]), batch_size=len(entries))
+        if self.frames_vae is self.vae:
+            return vae_decode(self.vae, torch.cat([t for *_, t in entries]), batch_size=len(entries))
+        final = [kind == "xt" and step == self._totals.get(index, 0) - 1 for index, kind, step, _ in entries]
+        others = [e for e, last in zip(entries, final) if not last]
+        decoded = iter(vae_decode(self.frames_vae, torch.cat([t for *_, t in others]), batch_size=len(others),
+                                  fallback=self.vae) if others else [])
+        return np.stack([vae_decode(self.vae, t)[0] if last else next(decoded)
+                         for (*_, t), last in zip(entries, final)])
 
     def _store(self, entries: list, decoded: np.ndarray) -> None:
         for (index, kind, step, _), frame in zip(entries, decoded):
@@ -279,21 +307,23 @@ class StreamingDecoder:
                     run.start_frame = frames[0]
                 else:
                     run.frames[kind] = [frames[step] for step in sorted(frames)]
-            decode_run(run, self.vae, self.kinds)
+            decode_run(run, self.vae, self.kinds, frames_vae=self.frames_vae)
 
 
-def decode_run(run, vae, kinds: tuple[str, ...] = ("xt", "x0"), batch_size: int | None = None) -> None:
+def decode_run(run, vae, kinds: tuple[str, ...] = ("xt", "x0"), batch_size: int | None = None,
+               frames_vae=None) -> None:
     """Decode every step of `run` for each kind in place (run.frames), its start (with "xt") and final image. The last x_t (the
-    final image) is decoded alone, as the run's own decoder and diffusers' pipeline decode it: a batch can round
-    differently on some CPUs."""
+    final image) is decoded alone by `vae`, as the run's own decoder and diffusers' pipeline decode it (a batch can
+    round differently on some CPUs); the other frames by `frames_vae` (default `vae`; see frame_vae)."""
+    frames_vae = vae if frames_vae is None else frames_vae
     for kind in kinds:
         if kind not in run.frames or len(run.frames[kind]) != len(run):
             latents = run.tensors[kind]
             alone = 1 if kind == "xt" and len(run) else 0
-            run.frames[kind] = (list(vae_decode(vae, latents[:len(latents) - alone], batch_size)) if len(latents) > alone
-                                else []) + (list(vae_decode(vae, latents[-1:])) if alone else [])
+            run.frames[kind] = (list(vae_decode(frames_vae, latents[:len(latents) - alone], batch_size, fallback=vae))
+                                if len(latents) > alone else []) + (list(vae_decode(vae, latents[-1:])) if alone else [])
     if run.start_frame is None and "xt" in kinds and "x_in" in run.tensors and len(run):
-        run.start_frame = vae_decode(vae, run.tensors["x_in"][:1])[0]
+        run.start_frame = vae_decode(frames_vae, run.tensors["x_in"][:1], fallback=vae)[0]
     if len(run) and not run.info.stopped:
         run.final_image = run.frames["xt"][-1] if "xt" in run.frames else vae_decode(vae, run.tensors["latents"][-1:])[0]
 

@@ -102,6 +102,12 @@ class StableDiffusion:
         """The network that denoises: the UNet."""
         return pipe.unet
 
+    def frame_dtype(self, pipe):
+        """The dtype this family's own diffusers pipeline decodes in, for the intermediate frames: the pipeline's
+        dtype (its denoiser's here: fp16 on a GPU for SD 1.x / 2.x, bf16 for SD 3 and Flux), and fp32 on the CPU,
+        where the models run in fp32. The final image stays the fp32 VAE's (decode.frame_vae)."""
+        return self.denoiser(pipe).dtype
+
     def size_multiple(self, pipe) -> int:
         """Image width and height must be multiples of this: the VAE's downsampling factor."""
         return pipe.vae_scale_factor
@@ -187,6 +193,14 @@ class StableDiffusionXL(StableDiffusion):
     latent_rgb_bias = [0.1084, -0.0175, -0.0011]
     taesd_variable = "VISUALIZER_TAESDXL"
     taesd_repo = "madebyollin/taesdxl"
+
+    def frame_dtype(self, pipe):
+        """SDXL's pipeline upcasts an fp16 VAE to fp32 unless the VAE's config says it need not (force_upcast
+        False: the fp16-fixed VAE, e.g. madebyollin/sdxl-vae-fp16-fix); frames decode as that pipeline does."""
+        if getattr(pipe.vae.config, "force_upcast", True):
+            return torch.float32
+        return super().frame_dtype(pipe)
+
     tokenizer_heading = "Tokenizers"
 
     def pipeline_class(self):
