@@ -26,7 +26,7 @@ from ..engine.samplers import valid_for
 from ..errors import SettingsError, VisualizerError, user_message
 from ..media import views
 from .frame_files import START_LATENTS, RunFiles
-from ..media.player import PlayerCell, PlayerProps, start_props, step_props
+from ..media.player import PlayerCell, PlayerProps, step_props
 from .store import RunStore
 
 log = logging.getLogger("visualizer")
@@ -92,18 +92,13 @@ def _player_cell(cell) -> PlayerCell:
     """A frame_files.Cell on the player: with its start (position 0, the initial noise) where it has one."""
     frames = {kind: [url(p) if p else None for p in paths] for kind, paths in cell.paths.items()
               if kind not in (START, START_LATENTS)}
-    steps = [step_props(s) for s in cell.steps]
+    shown = PlayerCell(label=cell.label, total=cell.total, steps=[step_props(s) for s in cell.steps], frames=frames,
+                       curve=cell.curve, structure=cell.structure, words=cell.words, prediction=cell.prediction)
     if not cell.start:
-        return PlayerCell(label=cell.label, total=cell.total, steps=steps, frames=frames, curve=cell.curve,
-                          structure=cell.structure, words=cell.words, prediction=cell.prediction)
-    for kind in frames:
-        if kind.endswith("-all"):  # a word's map over all steps: one image, not one per step
-            continue
-        first = cell.paths.get(START_VIEWS.get(kind, ""), [None])[0]
-        frames[kind] = [url(first) if first else None, *frames[kind]]
-    start = [start_props(cell.steps[0])] if steps else []
-    return PlayerCell(label=cell.label, total=cell.total + 1, steps=start + steps, frames=frames, curve=cell.curve,
-                      structure=cell.structure, words=cell.words, prediction=cell.prediction, start=True)
+        return shown
+    starts = {kind: url(paths[0]) for kind, source in START_VIEWS.items()
+              if (paths := cell.paths.get(source)) and paths[0]}
+    return shown.with_start(cell.steps[0] if cell.steps else None, starts)
 
 
 def vocabulary_notice(prompt: str, model: str) -> str:
@@ -254,9 +249,10 @@ class Runs:
                         status = f"{model}step {done} of {total}: computing… scrub the finished steps any time."
                         progress = (number + done / total) / len(jobs)
                     elif isinstance(item, DecodeUpdate):
-                        for k, run in enumerate(item.runs if files is not None else []):
-                            cell = files.cells[first_cell + k]
-                            cell.steps, cell.total = list(run.steps), len(run)
+                        if files is not None:
+                            for k, run in enumerate(item.runs):
+                                cell = files.cells[first_cell + k]
+                                cell.steps, cell.total = list(run.steps), len(run)
                         status = f"{model}denoised; " + (f"decoding the remaining frames ({item.remaining} left)…"
                                                          if item.remaining else "computing the insight…")
                         progress = (number + 1) / len(jobs)

@@ -98,16 +98,17 @@ def save_mp4(images: Sequence[Image.Image], path: str | Path, fps: float = 8, ho
 def save_zip(frames: dict[str, Sequence[np.ndarray]], path: str | Path, start: np.ndarray | None = None) -> Path:
     """PNG frames at native size, named like kind_0001.png (step 1 on), in one ZIP; `start` (the initial noise) as
     xt_0000.png, as in a run folder."""
+    def png(frame: np.ndarray) -> bytes:
+        buffer = io.BytesIO()
+        Image.fromarray(frame).save(buffer, format="PNG")
+        return buffer.getvalue()
+
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as archive:
         if start is not None:
-            buffer = io.BytesIO()
-            Image.fromarray(start).save(buffer, format="PNG")
-            archive.writestr(START_FILE, buffer.getvalue())
+            archive.writestr(START_FILE, png(start))
         for kind, items in frames.items():
             for i, frame in enumerate(items, start=1):
-                buffer = io.BytesIO()
-                Image.fromarray(frame).save(buffer, format="PNG")
-                archive.writestr(f"{kind}_{i:04d}.png", buffer.getvalue())
+                archive.writestr(f"{kind}_{i:04d}.png", png(frame))
     return Path(path)
 
 
@@ -150,11 +151,15 @@ def grid_frames(runs_frames: Sequence[Sequence[np.ndarray]], run_labels: Sequenc
     return out
 
 
+def side_by_side(left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """Two frames with a thin dark line between them (the "both" view)."""
+    return np.concatenate([left, np.full((left.shape[0], 2, 3), 20, np.uint8), right], axis=1)
+
+
 def view_frames(run, view: str = "xt") -> list[np.ndarray]:
     """The frames an animation shows: 'xt', 'x0', or 'both' (x_t and x0-hat side by side)."""
     if view == "both":
-        return [np.concatenate([a, np.full((a.shape[0], 2, 3), 20, np.uint8), b], axis=1)
-                for a, b in zip(run.frames["xt"], run.frames["x0"])]
+        return [side_by_side(a, b) for a, b in zip(run.frames["xt"], run.frames["x0"])]
     if view not in run.frames:
         raise ValueError(f"Unknown view {view!r}: choose xt, x0 or both.")
     return list(run.frames[view])
@@ -166,9 +171,7 @@ def film(run, view: str = "xt", start: bool = True) -> tuple[list[np.ndarray], l
     frames, labels = view_frames(run, view), [step_label(s, len(run)) for s in run.steps]
     if not start or run.start_frame is None or not frames:
         return frames, labels
-    start = run.start_frame
-    if view == "both":
-        start = np.concatenate([start, np.full((start.shape[0], 2, 3), 20, np.uint8), start], axis=1)
+    start = side_by_side(run.start_frame, run.start_frame) if view == "both" else run.start_frame
     return [start, *frames], [start_label(run), *labels]
 
 

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from ..engine.labels import comparison_labels, model_name
-from .player import CSS, JS, TEMPLATE, VIEWS, PlayerCell, PlayerProps, start_props, step_props
+from .player import CSS, JS, TEMPLATE, VIEWS, PlayerCell, PlayerProps, step_props
 
 PAGE_VIEWS = ("xt", "x0", "both")  # the views a page offers (its frames: x_t and x0-hat)
 PAGE_TABS = ["convergence", "schedule", "numbers"]  # the insight tabs drawn from numbers alone
@@ -51,16 +51,14 @@ def data_uri(frame: np.ndarray) -> str:
 
 def _cell(run, label: str) -> PlayerCell:
     """One run on the page: the start (where the run has one), then every step, x_t and x0-hat."""
-    uris = {kind: [data_uri(f) for f in run.frames[kind]] for kind in ("xt", "x0")}
-    steps = [step_props(s) for s in run.steps]
-    start = run.start_frame is not None and bool(run.steps)
-    if start:
-        first = data_uri(run.start_frame)
-        uris = {kind: [first, *items] for kind, items in uris.items()}
-        steps = [start_props(run.steps[0]), *steps]
     curve = [round(1 - m["ssim_x0_to_final"], 4) for m in run.info.metrics] if run.info.metrics else None
-    return PlayerCell(label=label, total=len(run) + start, steps=steps, frames=uris, curve=curve,
-                      structure=run.info.structure_step, start=start, prediction=run.info.prediction_type)
+    cell = PlayerCell(label=label, total=len(run), steps=[step_props(s) for s in run.steps],
+                      frames={kind: [data_uri(f) for f in run.frames[kind]] for kind in ("xt", "x0")}, curve=curve,
+                      structure=run.info.structure_step, prediction=run.info.prediction_type)
+    if run.start_frame is None:
+        return cell
+    first = data_uri(run.start_frame)
+    return cell.with_start(run.steps[0], {"xt": first, "x0": first})
 
 
 def title(runs: Sequence) -> str:

@@ -29,7 +29,7 @@ Props (all plain JSON; `PlayerProps` and `PlayerCell` below are their one type):
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -62,6 +62,15 @@ class PlayerCell:
     start: bool = False  # position 0 is the initial noise, before step 1
     trace: str | None = None  # URL of the points' paths (2D runs): clicking a frame traces one
     prediction: str | None = None  # what the model outputs: epsilon, v_prediction or flow_prediction (None: unknown)
+
+    def with_start(self, first_step, starts: dict[str, str | None]) -> "PlayerCell":
+        """This cell (one position per step) with the start as position 0: `starts` is each view kind's frame there
+        (missing: none); `first_step` the run's step 1 (None: not finished yet). A word's map over all steps (kinds
+        ending "-all") is one image and stays as it is."""
+        frames = {kind: items if kind.endswith("-all") else [starts.get(kind), *items]
+                  for kind, items in self.frames.items()}
+        steps = ([start_props(first_step)] if first_step is not None else []) + self.steps
+        return replace(self, total=self.total + 1, steps=steps, frames=frames, start=True)
 
 
 @dataclass
